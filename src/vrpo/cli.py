@@ -1,0 +1,58 @@
+"""The ``vrpo`` command line.
+
+Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
+``run(args) -> int``. They are imported only when called, so ``vrpo --help`` stays fast
+(torch and transformers are not loaded to print help). To add a command, add one line to
+``COMMANDS``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module defining add_arguments/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("vrpo.experiments.demo", "run the main demonstration (what `make demo` runs)"),
+    "reproduce": ("vrpo.experiments.reproduce", "reproduce an experiment: bandit (the statistical testbed), imdb, ..."),
+}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vrpo",
+        description="Variance-reduced preference optimization: DPO / reward modelling with a control "
+        "variate built from reference-policy samples and an auxiliary preference model.",
+    )
+    from vrpo import __version__
+
+    parser.add_argument("--version", action="version", version=f"vrpo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == argv_command:  # import only the module that will run (or show its help)
+            importlib.import_module(module).add_arguments(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except CLIError as e:
+        print(f"vrpo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # our validation errors are one line that names what is wrong
+        print(f"vrpo {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""Experiments that sit on top of the library (testbed, IMDb, ...). Nothing below imports these."""
