@@ -15,6 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vrpo.experiments.demo", "run the main demonstration (what `make demo` runs)"),
     "reproduce": ("vrpo.experiments.reproduce", "reproduce an experiment: bandit (the statistical testbed), imdb, ..."),
+    "rl": ("vrpo.rl", "policy stage of two-stage VRPO: RLOO/GRPO (TRL) on a reward model"),
+    "best-of-n": ("vrpo.best_of_n", "keep the reference sample a reward model scores highest, per prompt"),
 }
 
 

@@ -1,0 +1,412 @@
+"""The policy stage of two-stage VRPO: optimise a policy against a trained reward model.
+
+Stage one (:mod:`vrpo.train.reward_model`) fits a scalar reward r_phi(x, y) with the
+Bradley-Terry loss or the VRPO loss. Stage two, here, hands r_phi to an existing RL engine
+(TRL's ``RLOOTrainer`` or ``GRPOTrainer``, both public in TRL >= 1.0) as a plain reward
+function, and offers best-of-n selection as the cheap baseline:
+
+    best-of-n(x) = argmax_{y in {y_1..y_n} ~ pi(.|x)} r_phi(x, y)
+
+The reward model sees the same token sequence in both stages: :func:`reward_inputs`
+builds it (prompt tokens then completion tokens, each tokenised on its own, as the
+preference collators do), and :class:`RewardModelScorer` is what the RL engine calls, so
+no engine-specific tokenisation (TRL's own joins the strings) can shift the reward.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = [
+    "RL_ENGINES",
+    "RLConfig",
+    "RewardModelScorer",
+    "best_of_n",
+    "load_reward_model",
+    "load_prompts",
+    "reward_inputs",
+    "run_rl",
+]
+
+
+# --------------------------------------------------------------------------------------
+# The reward model
+# --------------------------------------------------------------------------------------
+def _check_reward_model_dir(path: Path) -> dict:
+    """One-line errors for a folder that is not a one-output sequence-classification model."""
+    if not path.is_dir():
+        raise ValueError(f"reward model: {path} is not a folder; expected a model folder written by `vrpo train-rm`")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"reward model: {path} has no config.json; expected a model folder written by `vrpo train-rm`")
+    cfg = json.loads(cfg_file.read_text())
+    archs = cfg.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ValueError(
+            f"reward model: {path} holds a {'/'.join(archs) or 'model of unknown architecture'}; expected a "
+            "sequence-classification model with one output (a folder written by `vrpo train-rm`)"
+        )
+    num_labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels", 2)
+    if num_labels != 1:
+        raise ValueError(f"reward model: {path} has {num_labels} outputs; expected a scalar reward head (num_labels=1)")
+    return cfg
+
+
+def load_reward_model(path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)`` from a reward-model folder (safetensors only), in eval mode."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    _check_reward_model_dir(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def _as_text(tokenizer, prompt, completion) -> tuple[str, str]:
+    """Render conversational (message-list) prompts/completions with the chat template."""
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return prompt, completion
+    if isinstance(prompt, str) or isinstance(completion, str):
+        raise ValueError("reward inputs: prompt and completion must both be strings or both message lists")
+    full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+    head = tokenizer.apply_chat_template(list(prompt), tokenize=False)
+    return head, full[len(head):]
+
+
+def reward_inputs(tokenizer, prompts: Sequence, completions: Sequence, max_length: int | None = None) -> dict:
+    """Right-padded ``input_ids``/``attention_mask`` [N, T] for r(x, y), x = prompt, y = completion.
+
+    Each row is tokens(prompt) + tokens(completion) (no special tokens added). A row longer
+    than ``max_length`` loses tokens from its *start* (the prompt's beginning): the scalar
+    head reads the last token, so the end of the completion must survive truncation.
+    """
+    import torch
+
+    if len(prompts) != len(completions):
+        raise ValueError(f"reward inputs: {len(prompts)} prompts but {len(completions)} completions; expected equal")
+    rows = []
+    for p, c in zip(prompts, completions):
+        p, c = _as_text(tokenizer, p, c)
+        ids = tokenizer(p, add_special_tokens=False)["input_ids"] + tokenizer(c, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("reward inputs: an empty prompt + completion; expected at least one token")
+        rows.append(ids[-max_length:] if max_length else ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        attention_mask[i, : len(r)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def sequence_rewards(model, input_ids, attention_mask):
+    """r(x, y) [N] from a one-output sequence-classification model.
+
+    transformers' heads pool at each row's rightmost token that is not the pad token, so
+    right padding (``reward_inputs``) reads the reward at the completion's last token.
+    """
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+
+
+class RewardModelScorer:
+    """r_phi(x, y) for lists of prompts and completions, batched, without gradients.
+
+    Also a TRL reward function: ``scorer(prompts=..., completions=..., **kw) -> list[float]``
+    (the engine's extra keyword arguments are ignored).
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, max_length: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_length = int(batch_size), max_length
+        self.__name__ = "reward_model"  # TRL names the logged metric after it: rewards/reward_model/mean
+
+    @classmethod
+    def from_pretrained(cls, path, *, batch_size: int = 32, max_length: int | None = None, trust_remote_code=False):
+        model, tokenizer = load_reward_model(path, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, batch_size=batch_size, max_length=max_length)
+
+    def score(self, prompts: Sequence, completions: Sequence):
+        import torch
+
+        device = next(self.model.parameters()).device
+        chunks = []
+        with torch.inference_mode():
+            for s in range(0, len(prompts), self.batch_size):
+                enc = reward_inputs(self.tokenizer, prompts[s : s + self.batch_size],
+                                    completions[s : s + self.batch_size], self.max_length)
+                enc = {k: v.to(device) for k, v in enc.items()}
+                chunks.append(sequence_rewards(self.model, **enc).float().cpu())
+        return torch.cat(chunks) if chunks else torch.zeros(0)
+
+    def __call__(self, prompts, completions, **_engine_kwargs) -> list[float]:
+        self._follow_engine_device()
+        return self.score(list(prompts), list(completions)).tolist()
+
+    def _follow_engine_device(self) -> None:
+        """Under an RL engine, sit on this process's accelerator (the engine does not move us)."""
+        from accelerate import PartialState
+
+        device = PartialState().device
+        if next(self.model.parameters()).device != device:
+            self.model.to(device)
+
+
+# --------------------------------------------------------------------------------------
+# Best-of-n: the cheap baseline
+# --------------------------------------------------------------------------------------
+def best_of_n(reward: Callable[[list, list], Sequence[float]], prompts: Sequence, candidates: Sequence[Sequence]) -> list[dict]:
+    """For each prompt x_i and its candidates y_i1..y_in, keep argmax_j r(x_i, y_ij).
+
+    ``reward(prompts, completions) -> rewards`` is called once on all flattened pairs (a
+    :class:`RewardModelScorer`, or any callable). Ties go to the first candidate. Returns
+    one dict per prompt: ``best`` (the kept completion), ``best_index``, ``best_reward``,
+    ``rewards`` (all n).
+    """
+    if len(prompts) != len(candidates):
+        raise ValueError(f"best-of-n: {len(prompts)} prompts but {len(candidates)} candidate lists; expected equal")
+    flat_p, flat_c = [], []
+    for i, (x, ys) in enumerate(zip(prompts, candidates)):
+        if len(ys) == 0:
+            raise ValueError(f"best-of-n: prompt {i} has no candidates; expected at least 1")
+        flat_p += [x] * len(ys)
+        flat_c += list(ys)
+    flat_r = [float(r) for r in reward(flat_p, flat_c)]
+    if len(flat_r) != len(flat_c):
+        raise ValueError(f"best-of-n: the reward returned {len(flat_r)} values for {len(flat_c)} completions")
+    rows, start = [], 0
+    for ys in candidates:
+        rs = flat_r[start : start + len(ys)]
+        start += len(ys)
+        if any(math.isnan(r) for r in rs):
+            raise ValueError("best-of-n: the reward returned NaN; expected finite rewards")
+        j = max(range(len(rs)), key=rs.__getitem__)  # first maximiser
+        rows.append({"best": ys[j], "best_index": j, "best_reward": rs[j], "rewards": rs})
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# RL on the reward model, through an existing engine
+# --------------------------------------------------------------------------------------
+def _trl(trainer_name: str, config_name: str):
+    def load():
+        import trl
+
+        return getattr(trl, trainer_name), getattr(trl, config_name)
+
+    return load
+
+
+# engine name -> loader of (Trainer class, Config class); both take the reward as `reward_funcs`
+RL_ENGINES: dict[str, Callable[[], tuple[type, type]]] = {
+    "rloo": _trl("RLOOTrainer", "RLOOConfig"),
+    "grpo": _trl("GRPOTrainer", "GRPOConfig"),
+}
+
+
+@dataclass
+class RLConfig:
+    """Everything ``vrpo rl`` needs; saved resolved into the run folder as config.yaml.
+
+    Defaults are sized for a first CPU run; ``engine_args`` passes any further field of the
+    engine's own config (e.g. ``{"epsilon": 0.1}`` for RLOOConfig) unchanged.
+    """
+
+    model: str  # the policy to start from (usually pi_ref or the SFT model)
+    reward_model: str  # folder written by `vrpo train-rm`
+    prompts: str  # JSONL / Parquet / CSV / datasets folder with a `prompt` column
+    out: str
+    engine: str = "rloo"
+    num_generations: int = 4  # completions per prompt: RLOO's leave-one-out baseline needs >= 2
+    max_completion_length: int = 48
+    batch_size: int = 8  # completions per optimiser step and device (a multiple of num_generations)
+    learning_rate: float = 1e-5
+    beta: float = 0.05  # KL(pi || pi_ref) penalty; 0 skips the reference copy
+    temperature: float = 1.0
+    max_steps: int = -1  # -1: num_epochs over the prompts
+    num_epochs: float = 1.0
+    seed: int = 0
+    logging_steps: int = 1
+    save_steps: int = 50
+    reward_batch_size: int = 32
+    reward_max_length: int | None = None
+    report_to: list[str] = field(default_factory=list)
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False
+
+
+def load_prompts(path: str | os.PathLike):
+    """A ``datasets.Dataset`` with a non-empty ``prompt`` column, from JSONL / Parquet / CSV / a saved folder."""
+    import datasets
+
+    p = Path(path)
+    loaders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+    elif p.suffix in loaders:
+        ds = datasets.load_dataset(loaders[p.suffix], data_files=str(p), split="train")
+    elif not p.exists():
+        raise ValueError(f"--prompts: {p} does not exist")
+    else:
+        raise ValueError(f"--prompts: {p} has suffix {p.suffix!r}; expected .jsonl, .parquet, .csv or a datasets folder")
+    if "prompt" not in ds.column_names:
+        raise ValueError(f"--prompts: {p} has columns {ds.column_names}; expected a 'prompt' column")
+    for i, x in enumerate(ds["prompt"]):
+        if not x:
+            raise ValueError(f"--prompts: {p} row {i} has an empty prompt")
+    return ds
+
+
+def _engine_config(cfg: RLConfig, config_cls, resume_dir: Path):
+    import torch
+
+    kwargs = dict(
+        output_dir=str(resume_dir), per_device_train_batch_size=cfg.batch_size,
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+        learning_rate=cfg.learning_rate, beta=cfg.beta, temperature=cfg.temperature,
+        max_steps=cfg.max_steps, num_train_epochs=cfg.num_epochs, seed=cfg.seed,
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, report_to=cfg.report_to or "none",
+        # TRL's defaults assume a GPU (bf16, activation checkpointing): follow the hardware instead
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    kwargs.update(cfg.engine_args)
+    try:
+        return config_cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"engine args: {e}") from None
+
+
+def run_rl(cfg: RLConfig, *, resume: bool = False) -> Path:
+    """Optimise ``cfg.model`` against the reward model with the chosen engine; return the run folder.
+
+    The folder gets config.yaml, versions.json, metrics.jsonl, the engine's checkpoints
+    (``checkpoints/``; ``resume=True`` continues from the last one), the final policy
+    (``save_pretrained``, safetensors) and a model card.
+    """
+    from transformers import AutoTokenizer
+
+    if cfg.engine not in RL_ENGINES:
+        raise ValueError(f"--engine: unknown engine {cfg.engine!r}; expected one of {sorted(RL_ENGINES)}")
+    if cfg.batch_size % cfg.num_generations:
+        raise ValueError(f"--batch-size {cfg.batch_size}: expected a multiple of --num-generations {cfg.num_generations}")
+    if not Path(cfg.model).is_dir():
+        raise ValueError(f"--model: {cfg.model} is not a model folder")
+    scorer = RewardModelScorer.from_pretrained(cfg.reward_model, batch_size=cfg.reward_batch_size,
+                                               max_length=cfg.reward_max_length, trust_remote_code=cfg.trust_remote_code)
+    prompts = load_prompts(cfg.prompts)
+    out = Path(cfg.out)
+    _write_run_header(out, asdict(cfg))
+    trainer_cls, config_cls = RL_ENGINES[cfg.engine]()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    engine_cfg = _engine_config(cfg, config_cls, out / "checkpoints")
+    engine_cfg.model_init_kwargs = {"use_safetensors": True}
+    trainer = trainer_cls(model=str(cfg.model), reward_funcs=scorer, args=engine_cfg, train_dataset=prompts,
+                          processing_class=tokenizer, callbacks=[_metrics_callback(out / "metrics.jsonl")])
+    last = _last_checkpoint(out / "checkpoints") if resume else None
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(out)
+    _write_model_card(out, cfg)
+    return out
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return Path(get_last_checkpoint(str(folder))) if folder.is_dir() and get_last_checkpoint(str(folder)) else None
+
+
+# --------------------------------------------------------------------------------------
+# Run folder: resolved config, versions, provenance of the reward model, metrics, card
+# --------------------------------------------------------------------------------------
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a killed run never leaves a half-written file
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("vrpo", "torch", "transformers", "trl", "accelerate", "datasets", "peft"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _folder_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 over the weight files of a model folder (what decides the rewards)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _write_run_header(out: Path, config: dict) -> None:
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    _atomic_write(out / "versions.json", json.dumps(_versions(), indent=2))
+    provenance = {
+        "reward_model": str(config["reward_model"]),
+        "reward_model_fingerprint": _folder_fingerprint(config["reward_model"]),
+        "initial_policy": str(config["model"]),
+        "initial_policy_fingerprint": _folder_fingerprint(config["model"]),
+    }
+    rm_card = Path(config["reward_model"]) / "config.yaml"  # the reward model's own run config, if any
+    if rm_card.is_file():
+        provenance["reward_model_config"] = yaml.safe_load(rm_card.read_text())
+    _atomic_write(out / "provenance.json", json.dumps(provenance, indent=2, default=str))
+
+
+def _metrics_callback(path: Path):
+    """A TrainerCallback that appends every log line of the engine to ``metrics.jsonl``."""
+    from transformers import TrainerCallback
+
+    class MetricsJsonl(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with open(path, "a") as fh:
+                    fh.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
+
+    return MetricsJsonl()
+
+
+def _write_model_card(out: Path, cfg: RLConfig) -> None:
+    card = f"""---
+library_name: transformers
+tags: [vrpo, two-stage, {cfg.engine}]
+---
+# Policy optimised on a reward model ({cfg.engine.upper()}, TRL)
+
+- Initial policy: `{cfg.model}`
+- Reward model: `{cfg.reward_model}` (see provenance.json for its fingerprint and training config)
+- Engine: TRL `{cfg.engine}`; {cfg.num_generations} completions per prompt, KL coefficient beta = {cfg.beta},
+  learning rate {cfg.learning_rate}, seed {cfg.seed}
+- Prompts: `{cfg.prompts}`
+
+Made with `vrpo rl` (two-stage VRPO: the variance reduction sits in the reward model).
+"""
+    _atomic_write(out / "README.md", card)
