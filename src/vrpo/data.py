@@ -1,0 +1,310 @@
+"""Preference data in one canonical form, and the tokenisation every stage shares.
+
+Canonical record (``load_preferences`` returns a ``datasets.Dataset`` of these):
+
+- ``prompt``, ``chosen``, ``rejected``: strings. Conversational message lists are rendered
+  with the tokenizer's chat template: the prompt with the generation prompt appended, each
+  response as the text that the template adds after the prompt.
+- ``prompt_id``: string; given, or the first 16 hex digits of sha256(prompt).
+- optional ``aux_prob`` (g(x, y+, y-) in [0, 1]), ``slice``, and any other column (kept).
+- the paper code's schema (``a_1``, ``a_2``, ``chosen_preference``, ``rejected_preference``,
+  ``a_1_preference``, ``a_2_preference``) is imported as ``aux_prob``, ``ref_samples`` = [a_1, a_2]
+  and ``ref_aux_prob`` = [[.5, g12], [g21, .5]], each antisymmetrised.
+
+Tokenisation (``tokenize_completions``) is the single definition of "the token sequence
+of response y to prompt x" used by sampling (reference log-probs), training and reward
+models, so log-probs computed at one stage match those of another. Truncation policy:
+the prompt must fit ``max_prompt_length`` tokens, else a ValueError names the row
+(``prompt_truncation="left"`` instead keeps the prompt's last tokens); a completion is cut
+on the right so that prompt + completion fit ``max_length`` (the EOS token is then lost).
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+PAPER_COLUMNS = ("a_1", "a_2", "chosen_preference", "rejected_preference", "a_1_preference", "a_2_preference")
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+__all__ = [
+    "load_preferences", "load_prompts", "read_rows", "prompt_id_of", "from_paper_schema",
+    "check_probability_column", "tokenize_completions", "pad_right", "sequence_batch", "REQUIRED_COLUMNS", "PAPER_COLUMNS",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Reading files into a list of row dicts (so errors can name the row)
+# --------------------------------------------------------------------------------------
+def read_rows(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSONL / JSON / Parquet / CSV file or a ``save_to_disk`` folder, as dicts."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or directory; expected a JSONL, Parquet or CSV file or a saved datasets folder")
+    if path.is_dir():
+        return _read_saved_dataset(path, split)
+    kind = DATA_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: unknown file type {path.suffix!r}; expected one of {sorted(DATA_SUFFIXES)} or a saved datasets folder")
+    return {"json": _read_json, "parquet": _read_parquet, "csv": _read_csv}[kind](path)
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg}); expected one JSON object per line") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {i}: a {type(row).__name__}, expected a JSON object with prompt/chosen/rejected")
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = [dict(r) for r in csv.DictReader(fh)]
+    for row in rows:  # CSV cells are text: numbers and JSON lists come back typed
+        for key, value in row.items():
+            if key in ("aux_prob",) + PAPER_COLUMNS[2:] and value not in (None, ""):
+                try:
+                    row[key] = float(value)
+                except ValueError:
+                    pass
+            elif isinstance(value, str) and value[:1] == "[" and key in ("prompt", "chosen", "rejected", "ref_samples", "ref_aux_prob"):
+                try:
+                    row[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+    return rows
+
+
+def _read_saved_dataset(path: Path, split: str | None) -> list[dict]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: a folder but not a saved datasets folder (no dataset_info.json / dataset_dict.json)") from None
+    if isinstance(ds, DatasetDict):
+        name = split or ("train" if "train" in ds else next(iter(ds)))
+        if name not in ds:
+            raise ValueError(f"{path}: split {name!r} not found; available splits {sorted(ds)}")
+        ds = ds[name]
+    return ds.to_list()
+
+
+# --------------------------------------------------------------------------------------
+# Canonical records
+# --------------------------------------------------------------------------------------
+def prompt_id_of(prompt: str) -> str:
+    """Default prompt id: the first 16 hex digits of sha256 of the prompt text."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def _check_columns(rows: list[dict], source: str, required: Sequence[str]) -> None:
+    if not rows:
+        raise ValueError(f"{source}: no rows; expected at least one preference record")
+    present = set(rows[0])
+    missing = [c for c in required if c not in present]
+    if missing:
+        hints = []
+        for col in missing:
+            close = difflib.get_close_matches(col, sorted(present), n=1, cutoff=0.6)
+            hints.append(f"{col!r}" + (f" (found {close[0]!r}: misnamed?)" if close else ""))
+        raise ValueError(f"{source}: missing column {', '.join(hints)}; found columns {sorted(present)}; "
+                         f"expected {list(required)} (or the paper schema {list(PAPER_COLUMNS)})")
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _render_chat(row: dict, tokenizer, source: str, i: int) -> dict:
+    """Render a conversational row: prompt with the generation prompt; each response as the
+    text the chat template appends after that prompt."""
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{source}: row {i}: conversational messages need a tokenizer with a chat template "
+                         "(pass --model / tokenizer=...)")
+    prompt_msgs = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+    prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    out = dict(row, prompt=prompt)
+    for col in ("chosen", "rejected"):
+        resp = row[col]
+        if isinstance(resp, list):
+            full = tokenizer.apply_chat_template(prompt_msgs + resp, tokenize=False)
+            if not full.startswith(prompt):
+                raise ValueError(f"{source}: row {i} column {col!r}: the chat template does not render the prompt "
+                                 "as a prefix of prompt + response; pass plain strings instead")
+            resp = full[len(prompt):]
+        out[col] = resp
+    return out
+
+
+def _check_text(row: dict, col: str, source: str, i: int) -> None:
+    value = row.get(col)
+    if not isinstance(value, str):
+        raise ValueError(f"{source}: row {i} column {col!r}: a {type(value).__name__}, expected a string or a list of messages")
+    if col != "prompt" and not value.strip():
+        raise ValueError(f"{source}: row {i} column {col!r}: empty response; expected non-empty text")
+
+
+def check_probability_column(values: Iterable, column: str, source: str) -> list[float]:
+    """Floats in [0, 1] or a ValueError naming the first bad row."""
+    out = []
+    for i, v in enumerate(values):
+        try:
+            p = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: row {i} column {column!r}: {v!r} is not a number; expected a probability in [0, 1]") from None
+        if math.isnan(p) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"{source}: row {i} column {column!r}: {p}; expected a probability in [0, 1] (no NaN)")
+        out.append(p)
+    return out
+
+
+def from_paper_schema(row: dict) -> dict:
+    """Map one row of the paper code's schema to the canonical one (probabilities
+    antisymmetrised: g_sym(a, b) = (g(a, b) + 1 - g(b, a)) / 2)."""
+    cp, rp = float(row["chosen_preference"]), float(row["rejected_preference"])
+    p1, p2 = float(row["a_1_preference"]), float(row["a_2_preference"])
+    g12 = 0.5 * (p1 + 1.0 - p2)
+    out = {k: v for k, v in row.items() if k not in PAPER_COLUMNS}
+    out["aux_prob"] = 0.5 * (cp + 1.0 - rp)
+    out["ref_samples"] = [row["a_1"], row["a_2"]]
+    out["ref_aux_prob"] = [[0.5, g12], [1.0 - g12, 0.5]]
+    return out
+
+
+def load_preferences(path: str | Path, tokenizer=None, *, split: str | None = None, max_rows: int | None = None):
+    """Load preference pairs from JSONL / JSON / Parquet / CSV / a saved ``datasets`` folder.
+
+    Returns a ``datasets.Dataset`` with string columns prompt/chosen/rejected and prompt_id,
+    plus every other column (``aux_prob`` checked to lie in [0, 1]). Raises a one-line
+    ValueError naming the file, row and column of the first problem.
+    """
+    from datasets import Dataset
+
+    source = str(path)
+    rows = read_rows(path, split)[:max_rows]
+    paper = bool(rows) and all(c in rows[0] for c in PAPER_COLUMNS)
+    _check_columns(rows, source, REQUIRED_COLUMNS + (PAPER_COLUMNS if paper else ()))
+    canonical = []
+    for i, row in enumerate(rows):
+        if paper:
+            check_probability_column([row[c] for c in PAPER_COLUMNS[2:]], f"paper-schema preference (row {i})", source)
+            row = from_paper_schema(row)
+        if any(_is_messages(row.get(c)) for c in REQUIRED_COLUMNS):
+            row = _render_chat(row, tokenizer, source, i)
+        for col in REQUIRED_COLUMNS:
+            _check_text(row, col, source, i)
+        row = dict(row)
+        if row.get("prompt_id") in (None, ""):
+            row["prompt_id"] = prompt_id_of(row["prompt"])
+        row["prompt_id"] = str(row["prompt_id"])
+        canonical.append(row)
+    if "aux_prob" in canonical[0]:
+        probs = check_probability_column([r.get("aux_prob") for r in canonical], "aux_prob", source)
+        for r, p in zip(canonical, probs):
+            r["aux_prob"] = p
+    return Dataset.from_list(canonical)
+
+
+def load_prompts(path: str | Path, tokenizer=None, *, split: str | None = None, max_rows: int | None = None) -> list[dict]:
+    """Distinct prompts (``prompt_id``, ``prompt``) in first-seen order, from a prompts-only
+    file (a ``prompt`` column) or a preference file. Message-list prompts are rendered with
+    the chat template (generation prompt appended)."""
+    source = str(path)
+    rows = read_rows(path, split)
+    _check_columns(rows, source, ("prompt",))
+    seen: dict[str, str] = {}
+    for i, row in enumerate(rows):
+        prompt = row["prompt"]
+        if _is_messages(prompt) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
+            prompt = _render_chat({"prompt": prompt, "chosen": "", "rejected": ""}, tokenizer, source, i)["prompt"]
+        _check_text({"prompt": prompt}, "prompt", source, i)
+        pid = str(row.get("prompt_id") or prompt_id_of(prompt))
+        if pid in seen and seen[pid] != prompt:
+            raise ValueError(f"{source}: row {i}: prompt_id {pid!r} is used for two different prompts")
+        seen.setdefault(pid, prompt)
+    items = [{"prompt_id": k, "prompt": v} for k, v in seen.items()]
+    return items[:max_rows]
+
+
+# --------------------------------------------------------------------------------------
+# Tokenisation shared by sampling, training and reward models
+# --------------------------------------------------------------------------------------
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_completions(tokenizer, prompt: str, completions: Sequence[str], *, max_length: int = 512,
+                         max_prompt_length: int = 256, prompt_truncation: str = "error", add_eos: bool = True,
+                         where: str = "prompt") -> tuple[list[int], list[list[int]]]:
+    """Token ids of a prompt and of each completion after it.
+
+    Each completion is tokenised together with the prompt (tokens may merge across the
+    boundary); the completion starts where it leaves the tokenised prompt, so the prompt
+    part is shared by all completions. ``add_eos`` appends the EOS token (the model must
+    learn to stop). Truncation: see the module docstring. ``where`` names the row in errors.
+    """
+    if max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = [tokenizer(prompt + c, add_special_tokens=False)["input_ids"] for c in completions]
+    cut = min([len(prompt_ids)] + [_common_prefix(prompt_ids, f) for f in full])
+    prompt_part, completion_parts = prompt_ids[:cut], [f[cut:] for f in full]
+    if add_eos and tokenizer.eos_token_id is not None:
+        completion_parts = [c + [tokenizer.eos_token_id] for c in completion_parts]
+    if len(prompt_part) > max_prompt_length:
+        if prompt_truncation != "left":
+            raise ValueError(f"{where}: prompt has {len(prompt_part)} tokens > max_prompt_length {max_prompt_length}; "
+                             "raise --max-prompt-length or pass --prompt-truncation left")
+        prompt_part = prompt_part[-max_prompt_length:]  # keep the end, nearest the response
+    room = max_length - len(prompt_part)
+    return prompt_part, [c[:room] for c in completion_parts]
+
+
+def pad_right(sequences: Sequence[Sequence[int]], value: int):
+    """A [N, T] long tensor of the sequences padded on the right with ``value``."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    return out
+
+
+def sequence_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_token_id: int):
+    """Stack prompt + completion pairs into ``input_ids``, ``attention_mask`` and
+    ``completion_mask`` [N, T] (right padding), the input of ``vrpo.losses.sequence_logps``."""
+    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completion_ids)]
+    input_ids = pad_right(seqs, pad_token_id)
+    attention_mask = pad_right([[1] * len(s) for s in seqs], 0)
+    completion_mask = pad_right(masks, 0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}

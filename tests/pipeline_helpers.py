@@ -1,0 +1,37 @@
+"""Shared builders for the pipeline tests (data, sampling, scoring, training): one tiny
+offline GPT-2 per test process, and a small preference file."""
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+from pathlib import Path
+
+PAIRS = [
+    ("The movie was", " wonderful and great.", " terrible and boring."),
+    ("I think the film", " was beautiful.", " was the worst."),
+    ("The acting was", " excellent.", " bad."),
+    ("The story", " moved me.", " bored me."),
+    ("Please book", " an appointment for Tuesday.", " nothing."),
+    ("The music", " was great.", " was bad."),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model_dir() -> Path:
+    from vrpo.testing import build_tiny_causal_lm
+
+    out = Path(tempfile.mkdtemp(prefix="vrpo-tiny-")) / "model"
+    return build_tiny_causal_lm(out, n_positions=128)
+
+
+def write_pairs(path: Path, n: int = 6, aux: bool = True) -> Path:
+    rows = []
+    for i in range(n):
+        p, c, r = PAIRS[i % len(PAIRS)]
+        row = {"prompt": p if i < len(PAIRS) else f"{p} ({i})", "chosen": c, "rejected": r}
+        if aux:
+            row["aux_prob"] = 0.6 + 0.05 * (i % 5)
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
