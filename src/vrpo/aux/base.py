@@ -27,6 +27,28 @@ class AuxModel:
     def _predict_raw(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> np.ndarray:
         raise NotImplementedError
 
+    def predict_pairwise(self, prompt: str, responses: Sequence[str]) -> np.ndarray:
+        """All ordered pairs of K responses to one prompt: [K, K] with [j, k] = g(x, y_j, y_k),
+        diagonal 1/2 and [k, j] = 1 - [j, k] (antisymmetry)."""
+        return self.predict_pairwise_batch([prompt], [responses])[0]
+
+    def predict_pairwise_batch(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """``predict_pairwise`` for many prompts in ONE ``predict_proba`` call over the
+        K(K-1)/2 pairs j < k of each prompt (models that embed responses embed each distinct
+        text once). Returns one [K, K] float64 array per prompt (K may differ by prompt)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"predict_pairwise_batch: {len(prompts)} prompts but {len(responses)} response lists")
+        xs, ya, yb, index = [], [], [], []
+        for i, (x, ys) in enumerate(zip(prompts, responses)):
+            K = len(ys)
+            for j, k in zip(*np.triu_indices(K, 1)):
+                xs.append(x), ya.append(ys[j]), yb.append(ys[k]), index.append((i, j, k))
+        p = self.predict_proba(xs, ya, yb) if xs else np.zeros(0)
+        out = [np.full((len(ys), len(ys)), 0.5) for ys in responses]
+        for (i, j, k), g in zip(index, p):
+            out[i][j, k], out[i][k, j] = g, 1.0 - g
+        return out
+
     def predict_proba(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> np.ndarray:
         n = len(prompts)
         if not (len(responses_a) == len(responses_b) == n):
@@ -39,6 +61,28 @@ class AuxModel:
             return p_ab
         p_ba = check_probabilities(self._predict_raw(prompts, responses_b, responses_a), type(self).__name__, n)
         return 0.5 * (p_ab + 1.0 - p_ba)
+
+
+def check_pairs(prompts, responses_a, responses_b, labels=None, source: str = "fit") -> None:
+    """One-line ValueErrors for bad labelled pairs: unequal lengths, a missing or empty text
+    (naming the row), labels missing, outside [0, 1] or NaN."""
+    n = len(prompts)
+    lengths = {"responses_a": len(responses_a), "responses_b": len(responses_b)}
+    if labels is not None:
+        lengths["labels"] = len(labels)
+    for name, m in lengths.items():
+        if m != n:
+            raise ValueError(f"{source}: {name} has {m} rows but prompts has {n}; expected one per pair")
+    for name, texts in (("prompt", prompts), ("response_a", responses_a), ("response_b", responses_b)):
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or (name != "prompt" and not t.strip()):
+                raise ValueError(f"{source}: row {i}: {name} is {t!r}; expected a non-empty string")
+    if labels is not None:
+        y = np.asarray(labels, dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(y) | (y < 0) | (y > 1))
+        if bad.size:
+            raise ValueError(f"{source}: row {int(bad[0])}: label {labels[bad[0]]!r}; expected a preference "
+                             "label in [0, 1] (1 = response_a preferred); unlabelled rows cannot be fitted")
 
 
 def check_probabilities(p, source: str, n: int) -> np.ndarray:
