@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("vrpo.experiments.reproduce", "reproduce an experiment: bandit (the statistical testbed), imdb, ..."),
     "rl": ("vrpo.rl", "policy stage of two-stage VRPO: RLOO/GRPO (TRL) on a reward model"),
     "best-of-n": ("vrpo.best_of_n", "keep the reference sample a reward model scores highest, per prompt"),
+    "gate": ("vrpo.gate", "deployment gate: fail when any slice's rubric pass rate or win rate regresses vs a baseline"),
 }
 
 
