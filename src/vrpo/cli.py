@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rl": ("vrpo.rl", "policy stage of two-stage VRPO: RLOO/GRPO (TRL) on a reward model"),
     "best-of-n": ("vrpo.best_of_n", "keep the reference sample a reward model scores highest, per prompt"),
     "gate": ("vrpo.gate", "deployment gate: fail when any slice's rubric pass rate or win rate regresses vs a baseline"),
+    "label": ("vrpo.label", "label pairs of reference samples with a simulated reviewer panel (p* kept for evaluation)"),
 }
 
 
