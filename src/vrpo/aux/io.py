@@ -111,3 +111,58 @@ def load_aux(path, kind: str | None = None):
     if not weights.exists():
         raise ValueError(f"aux model {path}: no {WEIGHTS_NAME} beside {CONFIG_NAME}")
     return loader(doc["config"], load_file(str(weights)))
+
+
+# ----------------------------------------------------------------------------------------
+# Out-of-fold predictions of the labelled pairs (``DIR/oof.parquet``)
+# ----------------------------------------------------------------------------------------
+OOF_NAME = "oof.parquet"
+
+
+def pair_id(prompt: str, chosen: str, rejected: str) -> str:
+    """Key of a labelled pair: first 16 hex digits of sha256(prompt NUL chosen NUL rejected)."""
+    import hashlib
+
+    return hashlib.sha256("\0".join((prompt, chosen, rejected)).encode("utf-8")).hexdigest()[:16]
+
+
+def write_oof(out_dir, prompts, chosen, rejected, prompt_ids, aux_prob, folds) -> Path:
+    """``oof.parquet``: one row per labelled pair: ``row`` (position in the data), ``pair_id``,
+    ``prompt_id``, ``aux_prob`` = out-of-fold g(x, chosen, rejected), ``fold``. Atomic write."""
+    import pandas as pd
+
+    table = pd.DataFrame({
+        "row": range(len(prompts)),
+        "pair_id": [pair_id(x, c, r) for x, c, r in zip(prompts, chosen, rejected)],
+        "prompt_id": [str(p) for p in prompt_ids],
+        "aux_prob": [float(p) for p in aux_prob],
+        "fold": [int(f) for f in folds],
+    })
+    path = Path(out_dir) / OOF_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def load_oof(aux_dir, prompts, chosen, rejected):
+    """Out-of-fold ``aux_prob`` [n] for the given labelled pairs, matched by ``pair_id``, or
+    None when the folder has no ``oof.parquet``. A pair the file lacks is a ValueError (its
+    label may have been seen by every fold model: scoring it in-sample would leak the label).
+    For a pair listed twice, the first listing's prediction is used."""
+    import numpy as np
+    import pandas as pd
+
+    path = Path(aux_dir) / OOF_NAME
+    if not path.exists():
+        return None
+    table = pd.read_parquet(path, columns=["pair_id", "aux_prob"]).drop_duplicates("pair_id")
+    lookup = dict(zip(table["pair_id"], table["aux_prob"]))
+    out = np.empty(len(prompts))
+    for i, (x, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        key = pair_id(x, c, r)
+        if key not in lookup:
+            raise ValueError(f"{path}: has no out-of-fold prediction for row {i} (pair_id {key}); expected the "
+                             "data that `vrpo fit-aux` was fitted on (refit, or score these pairs with the model)")
+        out[i] = lookup[key]
+    return out

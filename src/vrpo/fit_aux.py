@@ -1,0 +1,97 @@
+"""``vrpo fit-aux``: fit an auxiliary preference model g by K-fold cross-fitting and report
+how good it is on pairs it did not see.
+
+    vrpo fit-aux --data prefs.jsonl --model gpm-minilm --folds 5 --out AUX_DIR
+
+Each labelled pair (prompt, chosen, rejected) is a training example with label 1 (chosen
+won). Writes to AUX_DIR:
+
+- ``aux_config.json`` + ``model.safetensors``: the model for reference pairs (the fold
+  average by default; ``--reference full`` refits on all pairs), loadable with
+  ``vrpo.aux.resolve_aux(AUX_DIR)`` / ``--aux AUX_DIR``;
+- ``oof.parquet``: the out-of-fold g(x, chosen, rejected) of every labelled pair (columns
+  row, pair_id, prompt_id, aux_prob, fold): ``vrpo score`` must use these for observed
+  pairs, never the model's in-sample predictions (``vrpo.aux.io.load_oof``);
+- ``metrics.json`` and ``reliability.png``: held-out (out-of-fold) accuracy, log-loss,
+  Brier score, expected calibration error and the reliability diagram.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+OVERRIDES = ("epochs", "lr", "batch_size", "dim", "hidden")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vrpo.aux import AUX_MODELS
+    from vrpo.aux.crossfit import REFERENCE_MODELS
+
+    parser.add_argument("--data", required=True, help="labelled preference pairs (JSONL, Parquet, CSV, saved dataset)")
+    parser.add_argument("--model", default="gpm-minilm", choices=sorted(AUX_MODELS),
+                        help="gpm-*: general preference model; bt*: Bradley-Terry scalar head; *-minilm/bt: frozen "
+                             "MiniLM + trained head; *-transformer: MiniLM fine-tuned end to end; *-table: a vector "
+                             "per distinct response (finite response sets)")
+    parser.add_argument("--folds", type=int, default=5, help="cross-fitting folds (>= 2)")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--reference", default="fold-average", choices=sorted(REFERENCE_MODELS),
+                        help="model saved for reference pairs: average of the fold models, or a refit on all pairs")
+    parser.add_argument("--fold-by", default="prompt", choices=["prompt", "pair"],
+                        help="keep all pairs of a prompt in one fold (default), or split pairs independently")
+    parser.add_argument("--seed", type=int, default=0, help="random_state of folds, initialisation and shuffling")
+    parser.add_argument("--max-rows", type=int, default=None, help="use only the first N pairs")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the model's)")
+    parser.add_argument("--lr", type=float, default=None, help="head learning rate (default 1e-3)")
+    parser.add_argument("--batch-size", type=int, default=None, help="pairs per step")
+    parser.add_argument("--dim", type=int, default=None, help="GPM embedding size 2m (even, default 16)")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden width of the head (default 256)")
+
+
+def model_factory(name: str, seed: int, args: argparse.Namespace | None = None):
+    """A zero-argument factory of fresh models named ``name`` with the CLI's overrides."""
+    from vrpo.aux import AUX_MODELS
+
+    overrides = {k: getattr(args, k) for k in OVERRIDES if args is not None and getattr(args, k, None) is not None}
+    if "dim" in overrides and not name.startswith("gpm"):
+        raise ValueError(f"--dim: only the GPM models have an embedding size; --model {name} is Bradley-Terry")
+    return lambda: AUX_MODELS[name](random_state=seed, progress=False, **overrides)
+
+
+def print_metrics(metrics: dict, label: str) -> None:
+    print(f"{label}: {metrics['pairs']} pairs  accuracy {metrics['accuracy']:.3f}  log-loss {metrics['log_loss']:.3f}  "
+          f"Brier {metrics['brier']:.3f}  ECE {metrics['ece']:.3f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vrpo.aux import calibration
+    from vrpo.aux.crossfit import cross_fit
+    from vrpo.aux.io import save_aux, write_oof
+    from vrpo.data import load_preferences
+    from vrpo.provenance import atomic_write_json, fingerprint_data
+
+    data = load_preferences(args.data, max_rows=args.max_rows)
+    prompts, chosen, rejected = list(data["prompt"]), list(data["chosen"]), list(data["rejected"])
+    labels = np.ones(len(prompts))  # label 1: the first response (chosen) won
+    groups = list(data["prompt_id"]) if args.fold_by == "prompt" else None
+    result = cross_fit(model_factory(args.model, args.seed, args), prompts, chosen, rejected, labels,
+                       folds=args.folds, random_state=args.seed, reference=args.reference, groups=groups,
+                       progress=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = calibration.calibration_report(result.oof_proba, labels)
+    per_fold = [calibration.calibration_report(result.oof_proba[result.fold_ids == f], labels[result.fold_ids == f])
+                for f in range(args.folds)]
+    fit_info = {"data": str(args.data), "data_fingerprint": fingerprint_data(args.data), "model": args.model,
+                "folds": args.folds, "fold_by": args.fold_by, "reference": args.reference, "seed": args.seed,
+                "pairs": len(prompts), "heldout_metrics": metrics}
+    save_aux(result.reference_model, out, extra={"fit": fit_info})
+    write_oof(out, prompts, chosen, rejected, data["prompt_id"], result.oof_proba, result.fold_ids)
+    atomic_write_json(out / "metrics.json", {"heldout": metrics, "per_fold": per_fold, "fit": fit_info})
+    calibration.plot_reliability(result.oof_proba, labels, out / "reliability.png",
+                                 title=f"{args.model}, out-of-fold ({args.folds} folds)")
+    print_metrics(metrics, f"held-out (out-of-fold, {args.folds} folds)")
+    print(f"wrote {out}/aux_config.json, model.safetensors, oof.parquet, metrics.json, reliability.png")
+    return 0
+
