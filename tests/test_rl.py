@@ -35,19 +35,23 @@ def test_scorer_batched_equals_one_at_a_time(tiny):
     completions = [" wonderful", " and a very long boring plot with bad acting", "", " great"]
     batched = RewardModelScorer(model, tok, batch_size=4).score(PROMPTS, completions)
     for i, (p, c) in enumerate(zip(PROMPTS, completions)):
-        ids = tok(p, add_special_tokens=False)["input_ids"] + tok(c, add_special_tokens=False)["input_ids"]
+        ids = tok(p + c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # vrpo.data's sequence
         with torch.no_grad():
             single = model(input_ids=torch.tensor([ids])).logits[0, 0]
         assert torch.allclose(batched[i], single, atol=1e-5), i
     assert batched.std() > 0  # a real model, not a constant
 
 
-def test_reward_inputs_truncates_from_the_start(tiny):
+def test_reward_inputs_follow_the_reward_models_truncation(tiny):
+    """Long prompts lose their start (vrpo.data's "left" policy); completions are cut on the right."""
     _, tok = load_reward_model(tiny["rm"])
-    enc = reward_inputs(tok, ["The movie was wonderful"], [" and the acting was great."], max_length=4)
-    full = tok("The movie was wonderful", add_special_tokens=False)["input_ids"] + \
-        tok(" and the acting was great.", add_special_tokens=False)["input_ids"]
-    assert enc["input_ids"][0].tolist() == full[-4:]
+    prompt, completion = "The movie was wonderful and the acting", " was great. I loved the music."
+    enc = reward_inputs(tok, [prompt], [completion],
+                        {"max_length": 8, "max_prompt_length": 3, "prompt_truncation": "left"})
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    full = tok(prompt + completion, add_special_tokens=False)["input_ids"]
+    assert len(p_ids) > 3 and full[: len(p_ids)] == p_ids
+    assert enc["input_ids"][0].tolist() == p_ids[-3:] + full[len(p_ids) : len(p_ids) + 5]
 
 
 def test_best_of_n_keeps_the_max_reward_candidate():
@@ -112,7 +116,7 @@ def test_rl_rejects_a_causal_lm_as_reward_model(tiny, tmp_path, capsys):
 def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "hi"}) + "\n")
-    with pytest.raises(ValueError, match=r"expected a 'prompt' column"):
+    with pytest.raises(ValueError, match=r"missing column 'prompt'"):
         run_rl(RLConfig(model=str(tiny["policy"]), reward_model=str(tiny["rm"]), prompts=str(bad), out=str(tmp_path / "r")))
     with pytest.raises(ValueError, match=r"is not a folder"):
         load_reward_model(tmp_path / "nowhere")

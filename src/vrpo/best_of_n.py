@@ -19,7 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="folder written by `vrpo sample` (samples.parquet)")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per reward-model forward pass")
-    parser.add_argument("--max-length", type=int, default=None, help="keep the last N tokens of prompt + completion")
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -40,11 +39,12 @@ def load_samples(folder: str | Path):
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from vrpo.policy_stage import RewardModelScorer, _atomic_write, _folder_fingerprint, best_of_n
+    from vrpo.policy_stage import RewardModelScorer, best_of_n
+    from vrpo.provenance import atomic_write_json, fingerprint_model
 
     table = load_samples(args.samples)
     scorer = RewardModelScorer.from_pretrained(args.reward_model, batch_size=args.batch_size,
-                                               max_length=args.max_length, trust_remote_code=args.trust_remote_code)
+                                               trust_remote_code=args.trust_remote_code)
     rows = best_of_n(scorer, list(table["prompt"]), [list(s) for s in table["samples"]])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
     manifest_in = Path(args.samples) / "manifest.json"
     manifest = {
         "reward_model": str(args.reward_model),
-        "reward_model_fingerprint": _folder_fingerprint(args.reward_model),
+        "reward_model_fingerprint": fingerprint_model(args.reward_model),
         "samples": str(args.samples),
         "samples_manifest": json.loads(manifest_in.read_text()) if manifest_in.is_file() else None,
         "n": int(table["samples"].map(len).max()),
     }
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2, default=str))
+    atomic_write_json(out / "manifest.json", manifest)
     print(f"best-of-n over {len(result)} prompts: mean best reward {result['best_reward'].mean():.4f} -> {out}")
     return 0

@@ -8,9 +8,10 @@ function, and offers best-of-n selection as the cheap baseline:
     best-of-n(x) = argmax_{y in {y_1..y_n} ~ pi(.|x)} r_phi(x, y)
 
 The reward model sees the same token sequence in both stages: :func:`reward_inputs`
-builds it (prompt tokens then completion tokens, each tokenised on its own, as the
-preference collators do), and :class:`RewardModelScorer` is what the RL engine calls, so
-no engine-specific tokenisation (TRL's own joins the strings) can shift the reward.
+builds it with :func:`vrpo.data.tokenize_completions` (the tokenisation every stage
+shares) and the reward model's own truncation settings, and :class:`RewardModelScorer`
+is what the RL engine calls, so no engine-specific tokenisation (TRL's own joins the
+strings, without EOS) can shift the reward.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ __all__ = [
     "load_reward_model",
     "load_prompts",
     "reward_inputs",
+    "reward_tokenisation",
     "run_rl",
 ]
 
@@ -72,42 +74,38 @@ def load_reward_model(path: str | os.PathLike, *, trust_remote_code: bool = Fals
     return model.eval(), tokenizer
 
 
-def _as_text(tokenizer, prompt, completion) -> tuple[str, str]:
-    """Render conversational (message-list) prompts/completions with the chat template."""
-    if isinstance(prompt, str) and isinstance(completion, str):
-        return prompt, completion
-    if isinstance(prompt, str) or isinstance(completion, str):
-        raise ValueError("reward inputs: prompt and completion must both be strings or both message lists")
-    full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
-    head = tokenizer.apply_chat_template(list(prompt), tokenize=False)
-    return head, full[len(head):]
+def reward_tokenisation(folder: str | os.PathLike) -> dict:
+    """The tokenisation settings a reward model was trained with (its run's config.yaml),
+    with long prompts cut on the left instead of refused: RL prompts are not ours to check."""
+    import yaml
+
+    cfg_file = Path(folder) / "config.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
+    return {"max_length": int(cfg.get("max_length", 512)), "max_prompt_length": int(cfg.get("max_prompt_length", 256)),
+            "prompt_truncation": "left"}
 
 
-def reward_inputs(tokenizer, prompts: Sequence, completions: Sequence, max_length: int | None = None) -> dict:
+def reward_inputs(tokenizer, prompts: Sequence[str], completions: Sequence[str], tokenisation: dict | None = None) -> dict:
     """Right-padded ``input_ids``/``attention_mask`` [N, T] for r(x, y), x = prompt, y = completion.
 
-    Each row is tokens(prompt) + tokens(completion) (no special tokens added). A row longer
-    than ``max_length`` loses tokens from its *start* (the prompt's beginning): the scalar
-    head reads the last token, so the end of the completion must survive truncation.
+    The token sequence is :func:`vrpo.data.tokenize_completions` (prompt, then the
+    completion and EOS), exactly what ``vrpo train-rm`` fed the model, with the same
+    truncation settings (``tokenisation``; see :func:`reward_tokenisation`).
     """
-    import torch
+    from vrpo.data import sequence_batch, tokenize_completions
 
     if len(prompts) != len(completions):
         raise ValueError(f"reward inputs: {len(prompts)} prompts but {len(completions)} completions; expected equal")
-    rows = []
-    for p, c in zip(prompts, completions):
-        p, c = _as_text(tokenizer, p, c)
-        ids = tokenizer(p, add_special_tokens=False)["input_ids"] + tokenizer(c, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError("reward inputs: an empty prompt + completion; expected at least one token")
-        rows.append(ids[-max_length:] if max_length else ids)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        attention_mask[i, : len(r)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    settings = tokenisation or {"max_length": 512, "max_prompt_length": 256, "prompt_truncation": "left"}
+    pairs = []
+    for i, (x, y) in enumerate(zip(prompts, completions)):
+        if not isinstance(x, str) or not isinstance(y, str):
+            raise ValueError(f"reward inputs: pair {i} is not text; expected prompt and completion strings "
+                             "(render conversations with the chat template first)")
+        prompt_ids, (completion_ids,) = tokenize_completions(tokenizer, x, [y], where=f"pair {i}", **settings)
+        pairs.append((prompt_ids, completion_ids))
+    batch = sequence_batch([p for p, _ in pairs], [c for _, c in pairs], tokenizer.pad_token_id)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def sequence_rewards(model, input_ids, attention_mask):
@@ -126,15 +124,15 @@ class RewardModelScorer:
     (the engine's extra keyword arguments are ignored).
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 32, max_length: int | None = None):
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, tokenisation: dict | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size, self.max_length = int(batch_size), max_length
+        self.batch_size, self.tokenisation = int(batch_size), tokenisation
         self.__name__ = "reward_model"  # TRL names the logged metric after it: rewards/reward_model/mean
 
     @classmethod
-    def from_pretrained(cls, path, *, batch_size: int = 32, max_length: int | None = None, trust_remote_code=False):
+    def from_pretrained(cls, path, *, batch_size: int = 32, trust_remote_code: bool = False):
         model, tokenizer = load_reward_model(path, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        return cls(model, tokenizer, batch_size=batch_size, tokenisation=reward_tokenisation(path))
 
     def score(self, prompts: Sequence, completions: Sequence):
         import torch
@@ -144,7 +142,7 @@ class RewardModelScorer:
         with torch.inference_mode():
             for s in range(0, len(prompts), self.batch_size):
                 enc = reward_inputs(self.tokenizer, prompts[s : s + self.batch_size],
-                                    completions[s : s + self.batch_size], self.max_length)
+                                    completions[s : s + self.batch_size], self.tokenisation)
                 enc = {k: v.to(device) for k, v in enc.items()}
                 chunks.append(sequence_rewards(self.model, **enc).float().cpu())
         return torch.cat(chunks) if chunks else torch.zeros(0)
@@ -239,32 +237,19 @@ class RLConfig:
     logging_steps: int = 1
     save_steps: int = 50
     reward_batch_size: int = 32
-    reward_max_length: int | None = None
     report_to: list[str] = field(default_factory=list)
     engine_args: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
 
 
-def load_prompts(path: str | os.PathLike):
-    """A ``datasets.Dataset`` with a non-empty ``prompt`` column, from JSONL / Parquet / CSV / a saved folder."""
-    import datasets
+def load_prompts(path: str | os.PathLike, tokenizer=None):
+    """The distinct prompts of a prompts or preference file (:func:`vrpo.data.load_prompts`) as a
+    ``datasets.Dataset`` with ``prompt_id`` and ``prompt`` columns, the engines' input."""
+    from datasets import Dataset
 
-    p = Path(path)
-    loaders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-    if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
-    elif p.suffix in loaders:
-        ds = datasets.load_dataset(loaders[p.suffix], data_files=str(p), split="train")
-    elif not p.exists():
-        raise ValueError(f"--prompts: {p} does not exist")
-    else:
-        raise ValueError(f"--prompts: {p} has suffix {p.suffix!r}; expected .jsonl, .parquet, .csv or a datasets folder")
-    if "prompt" not in ds.column_names:
-        raise ValueError(f"--prompts: {p} has columns {ds.column_names}; expected a 'prompt' column")
-    for i, x in enumerate(ds["prompt"]):
-        if not x:
-            raise ValueError(f"--prompts: {p} row {i} has an empty prompt")
-    return ds
+    from vrpo.data import load_prompts as read_prompts
+
+    return Dataset.from_list(read_prompts(path, tokenizer))
 
 
 def _engine_config(cfg: RLConfig, config_cls, resume_dir: Path):
@@ -296,6 +281,8 @@ def run_rl(cfg: RLConfig, *, resume: bool = False) -> Path:
     """
     from transformers import AutoTokenizer
 
+    from vrpo.train.reward_run import MetricsJsonl, last_checkpoint
+
     if cfg.engine not in RL_ENGINES:
         raise ValueError(f"--engine: unknown engine {cfg.engine!r}; expected one of {sorted(RL_ENGINES)}")
     if cfg.batch_size % cfg.num_generations:
@@ -303,19 +290,20 @@ def run_rl(cfg: RLConfig, *, resume: bool = False) -> Path:
     if not Path(cfg.model).is_dir():
         raise ValueError(f"--model: {cfg.model} is not a model folder")
     scorer = RewardModelScorer.from_pretrained(cfg.reward_model, batch_size=cfg.reward_batch_size,
-                                               max_length=cfg.reward_max_length, trust_remote_code=cfg.trust_remote_code)
-    prompts = load_prompts(cfg.prompts)
+                                               trust_remote_code=cfg.trust_remote_code)
     out = Path(cfg.out)
     _write_run_header(out, asdict(cfg))
     trainer_cls, config_cls = RL_ENGINES[cfg.engine]()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    prompts = load_prompts(cfg.prompts, tokenizer)
     engine_cfg = _engine_config(cfg, config_cls, out / "checkpoints")
     engine_cfg.model_init_kwargs = {"use_safetensors": True}
     trainer = trainer_cls(model=str(cfg.model), reward_funcs=scorer, args=engine_cfg, train_dataset=prompts,
-                          processing_class=tokenizer, callbacks=[_metrics_callback(out / "metrics.jsonl")])
-    last = _last_checkpoint(out / "checkpoints") if resume else None
+                          processing_class=tokenizer, callbacks=[MetricsJsonl(out / "metrics.jsonl")])
+    last = last_checkpoint(out / "checkpoints") if resume else None
+    MetricsJsonl.truncate_after(out / "metrics.jsonl", last)
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     trainer.save_model(str(out))
     tokenizer.save_pretrained(out)
@@ -323,75 +311,27 @@ def run_rl(cfg: RLConfig, *, resume: bool = False) -> Path:
     return out
 
 
-def _last_checkpoint(folder: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return Path(get_last_checkpoint(str(folder))) if folder.is_dir() and get_last_checkpoint(str(folder)) else None
-
-
 # --------------------------------------------------------------------------------------
 # Run folder: resolved config, versions, provenance of the reward model, metrics, card
 # --------------------------------------------------------------------------------------
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a killed run never leaves a half-written file
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("vrpo", "torch", "transformers", "trl", "accelerate", "datasets", "peft"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _folder_fingerprint(folder: str | os.PathLike) -> str:
-    """sha256 over the weight files of a model folder (what decides the rewards)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def _write_run_header(out: Path, config: dict) -> None:
     import yaml
 
+    from vrpo.provenance import atomic_write_json, atomic_write_text, fingerprint_model, package_versions
+
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    _atomic_write(out / "versions.json", json.dumps(_versions(), indent=2))
+    atomic_write_text(out / "config.yaml", yaml.safe_dump({**config, "stage": "rl"}, sort_keys=False))
+    atomic_write_json(out / "versions.json", package_versions())
     provenance = {
         "reward_model": str(config["reward_model"]),
-        "reward_model_fingerprint": _folder_fingerprint(config["reward_model"]),
+        "reward_model_fingerprint": fingerprint_model(config["reward_model"]),
         "initial_policy": str(config["model"]),
-        "initial_policy_fingerprint": _folder_fingerprint(config["model"]),
+        "initial_policy_fingerprint": fingerprint_model(config["model"]),
     }
-    rm_card = Path(config["reward_model"]) / "config.yaml"  # the reward model's own run config, if any
-    if rm_card.is_file():
-        provenance["reward_model_config"] = yaml.safe_load(rm_card.read_text())
-    _atomic_write(out / "provenance.json", json.dumps(provenance, indent=2, default=str))
-
-
-def _metrics_callback(path: Path):
-    """A TrainerCallback that appends every log line of the engine to ``metrics.jsonl``."""
-    from transformers import TrainerCallback
-
-    class MetricsJsonl(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                with open(path, "a") as fh:
-                    fh.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
-
-    return MetricsJsonl()
+    rm_config = Path(config["reward_model"]) / "config.yaml"  # the reward model's own run, if `vrpo train-rm` made it
+    if rm_config.is_file():
+        provenance["reward_model_config"] = yaml.safe_load(rm_config.read_text())
+    atomic_write_json(out / "provenance.json", provenance)
 
 
 def _write_model_card(out: Path, cfg: RLConfig) -> None:
@@ -409,4 +349,6 @@ tags: [vrpo, two-stage, {cfg.engine}]
 
 Made with `vrpo rl` (two-stage VRPO: the variance reduction sits in the reward model).
 """
-    _atomic_write(out / "README.md", card)
+    from vrpo.provenance import atomic_write_text
+
+    atomic_write_text(out / "README.md", card)

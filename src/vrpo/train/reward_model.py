@@ -1,0 +1,360 @@
+"""Stage one of two-stage VRPO: a scalar reward model r_phi(x, y) fitted with the
+Bradley-Terry loss or with the VRPO loss.
+
+A reward model is ``AutoModelForSequenceClassification(num_labels=1)``; its output on
+prompt + response is r(x, y). With margins z = r(x, a) - r(x, b) (METHOD.md):
+
+    bt:    L = f(z+-)                                              (vrpo.losses.preference_loss)
+    vrpo:  L = f(z+-) - l(z+-, g+-) + mean_{j<k} l(z~_jk, g~_jk)    (vrpo.losses.vrpo_loss)
+
+Unlike DPO no reference log-probs are needed: the reward is the head's output itself. The
+chosen, rejected and K reference responses of every prompt go through the model in one
+forward pass; the tokenisation is :func:`vrpo.data.tokenize_completions`, the one every
+stage shares (the policy stage scores with the same settings, read from this run's
+config.yaml).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = [
+    "RM_METHOD_NAMES",
+    "RewardModelConfig",
+    "rm_method",
+    "train_reward_model",
+    "load_reward_features",
+    "pair_margins",
+    "reward_accuracy",
+    "margin_variance_across_seeds",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Objectives: the adapters of `vrpo train` (vrpo.train.methods), which do not care whether
+# the rewards are implicit (DPO) or a scalar head's (here). Bradley-Terry is "dpo"'s f(z+-).
+# --------------------------------------------------------------------------------------
+RM_METHOD_NAMES: dict[str, str] = {"bt": "dpo", "vrpo": "vrpo"}  # train-rm --method -> vrpo.train.METHODS key
+
+
+def rm_method(name: str):
+    """The ``vrpo.train.methods.Method`` behind ``train-rm --method NAME``."""
+    from vrpo.train.methods import METHODS
+
+    if name not in RM_METHOD_NAMES:
+        raise ValueError(f"--method: unknown reward-model method {name!r}; expected one of {sorted(RM_METHOD_NAMES)}")
+    return METHODS[RM_METHOD_NAMES[name]]
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+@dataclass
+class RewardModelConfig:
+    """Everything ``vrpo train-rm`` needs; saved resolved into the run folder as config.yaml.
+
+    Shared settings carry ``VRPOConfig``'s names and meaning (``vrpo train``).
+    """
+
+    model: str = ""  # initialisation: a causal LM folder (a fresh scalar head is added) or a reward model
+    data: str = ""  # preference pairs; for vrpo, scored data (aux_prob, ref_samples, ref_aux_prob: `vrpo score`)
+    out: str = ""
+    method: str = "bt"  # bt (Bradley-Terry) or vrpo
+    samples: Optional[str] = None  # a `vrpo sample` folder: joined by prompt_id, its manifest checked and recorded
+    ref_model: Optional[str] = None  # pi_ref, to check that the samples were drawn from it
+    allow_reference_mismatch: bool = False
+    base_loss: str = "sigmoid"  # f in l(z, p); "ramp" is bounded (see vrpo.losses)
+    num_ref_samples: Optional[int] = None  # K (default: as many as every row holds, >= 2)
+    control_variate_coef: float = 1.0  # c; 1 is the paper's estimator
+    # tokenisation (vrpo.data.tokenize_completions); the policy stage scores with the same
+    max_length: int = 512
+    max_prompt_length: int = 256
+    prompt_truncation: str = "error"
+    # optimisation (transformers.TrainingArguments)
+    learning_rate: float = 1e-5
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8  # prompts per step and device; each brings 2 + K sequences
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    seed: int = 0
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: Optional[int] = 2
+    report_to: list = field(default_factory=lambda: ["none"])
+    training_args: dict = field(default_factory=dict)  # any other TrainingArguments, passed unchanged
+    trust_remote_code: bool = False
+
+    def validate(self) -> "RewardModelConfig":
+        from vrpo.losses import BASE_LOSSES
+
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name}: required")
+        rm_method(self.method)
+        if self.base_loss not in BASE_LOSSES:
+            raise ValueError(f"--base-loss {self.base_loss}: unknown; expected one of {sorted(BASE_LOSSES)}")
+        if self.num_ref_samples is not None and self.num_ref_samples < 2:
+            raise ValueError(f"--num-ref-samples {self.num_ref_samples}: expected at least 2")
+        if self.prompt_truncation not in ("error", "left"):
+            raise ValueError(f"--prompt-truncation {self.prompt_truncation}: expected 'error' or 'left'")
+        return self
+
+
+# --------------------------------------------------------------------------------------
+# Data: `vrpo train`'s plumbing (vrpo.data, vrpo.train.collator), unchanged
+# --------------------------------------------------------------------------------------
+def _resolve_data(path: str) -> tuple[Path, dict | None]:
+    """A `vrpo score` folder means its data.parquet (and its manifest); anything else as given."""
+    p = Path(path)
+    if p.is_dir() and (p / "data.parquet").is_file():
+        manifest = json.loads((p / "manifest.json").read_text()) if (p / "manifest.json").is_file() else None
+        return p / "data.parquet", manifest
+    return p, None
+
+
+def load_reward_features(cfg: "RewardModelConfig", tokenizer) -> tuple[list[dict], int | None]:
+    """Tokenised features of the preference data (``vrpo.train.collator.build_features``) and K.
+
+    For vrpo the rows need ``aux_prob``, ``ref_samples`` (in the data, or joined from
+    ``cfg.samples`` by prompt_id) and ``ref_aux_prob``: the output of ``vrpo score``.
+    """
+    from vrpo.data import load_preferences
+    from vrpo.train.collator import attach_reference_samples, build_features, default_num_ref_samples
+
+    method = rm_method(cfg.method)
+    path, _ = _resolve_data(cfg.data)
+    rows = load_preferences(path, tokenizer).to_list()
+    k = None
+    if method.needs_reference_samples:
+        if cfg.samples is not None:
+            rows = attach_reference_samples(rows, _read_samples_table(cfg.samples), str(cfg.samples))
+        k = cfg.num_ref_samples or default_num_ref_samples(rows, str(path))
+    features = build_features(rows, tokenizer, cfg, with_reference=method.needs_reference_samples,
+                              num_ref_samples=k, source=str(path))
+    for f in features:  # a reward model needs no reference log-probs: NaN marks them unused
+        if k and f.get("ref_logps") is None:
+            f["ref_logps"] = [math.nan] * k
+    return features, k
+
+
+def _read_samples_table(folder: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    path = Path(folder) / "samples.parquet"
+    if not path.is_file():
+        raise ValueError(f"--samples: {path} not found; expected a folder written by `vrpo sample`")
+    return pq.read_table(path).to_pylist()
+
+
+def unpack_rewards(rewards, batch_size: int, k: int | None):
+    """Split the [B (2 + K)] rewards of a packed batch (chosen, rejected, then each prompt's
+    K references) back into ``vrpo.train.methods.Rewards``: chosen, rejected [B], reference [B, K]."""
+    from vrpo.train.methods import Rewards
+
+    chosen, rejected = rewards[:batch_size], rewards[batch_size : 2 * batch_size]
+    return Rewards(chosen, rejected, rewards[2 * batch_size :].view(batch_size, k) if k else None)
+
+
+# --------------------------------------------------------------------------------------
+# The trainer: transformers.Trainer, public compute_loss only
+# --------------------------------------------------------------------------------------
+def _trainer_class():
+    import torch
+    from transformers import Trainer
+
+    class RewardModelTrainer(Trainer):
+        """``transformers.Trainer`` whose loss is the ``train-rm --method`` adapter on packed batches."""
+
+        def __init__(self, *args, rm_config: RewardModelConfig, num_ref_samples: int | None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rm_config, self.num_ref_samples = rm_config, num_ref_samples
+            self.method = rm_method(rm_config.method)
+            self._pending: dict[str, list[float]] = {}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0]
+            b = inputs["input_ids"].shape[0] // (2 + (self.num_ref_samples or 0))
+            r = unpack_rewards(rewards, b, self.num_ref_samples)
+            per_example, extra = self.method.loss(r, inputs, self.rm_config)
+            loss = per_example.mean()
+            self._record(r, extra)
+            return (loss, {"rewards_chosen": r.chosen, "rewards_rejected": r.rejected}) if return_outputs else loss
+
+        def _record(self, r, extra: dict) -> None:
+            # the metric names TRL users know, averaged over the steps between two log lines
+            with torch.no_grad():
+                margin = r.chosen - r.rejected
+                values = {"rewards/chosen": r.chosen.mean(), "rewards/rejected": r.rejected.mean(),
+                          "rewards/margins": margin.mean(), "rewards/accuracies": (margin > 0).float().mean(), **extra}
+                for name, v in values.items():
+                    self._pending.setdefault(name, []).append(float(v.float().mean()))
+
+        def log(self, logs: dict, *args, **kwargs) -> None:
+            if "loss" in logs:  # a training log line: attach the averages since the last one
+                logs.update({k: sum(v) / len(v) for k, v in self._pending.items() if v})
+                self._pending.clear()
+            super().log(logs, *args, **kwargs)
+
+    return RewardModelTrainer
+
+
+def _load_tokenizer(cfg: RewardModelConfig):
+    from transformers import AutoTokenizer
+
+    if not Path(cfg.model).is_dir():
+        raise ValueError(f"--model: {cfg.model} is not a model folder")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _build_model(cfg: RewardModelConfig, tokenizer=None):
+    """A one-output sequence-classification model on ``cfg.model`` (safetensors only) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    tokenizer = tokenizer or _load_tokenizer(cfg)
+    set_seed(cfg.seed)  # the fresh scalar head is drawn from the global RNG: seed it, or runs differ
+    model = AutoModelForSequenceClassification.from_pretrained(
+        cfg.model, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _check_provenance(cfg: RewardModelConfig, data_manifest: dict | None) -> dict:
+    """Samples (and scored data) must come from pi_ref; returns what was checked and allowed."""
+    from vrpo.provenance import check_reference, fingerprint_model, fingerprint_tokenizer, read_manifest
+
+    record: dict[str, Any] = {"samples_manifest": None, "data_manifest": data_manifest, "allowed_problems": []}
+    if cfg.samples is None:
+        return record
+    manifest = read_manifest(cfg.samples)
+    record["samples_manifest"] = manifest
+    if cfg.ref_model:
+        model_fp, tok_fp = fingerprint_model(cfg.ref_model), fingerprint_tokenizer(cfg.ref_model)
+    else:  # no pi_ref given: still refuse samples that were not drawn from their own model at T = 1
+        model_fp, tok_fp = manifest.get("model_fingerprint", ""), None
+    record["allowed_problems"] = check_reference(manifest, model_fp, tok_fp,
+                                                 allow_mismatch=cfg.allow_reference_mismatch, what="reference samples")
+    return record
+
+
+def train_reward_model(cfg: RewardModelConfig, *, resume: bool = False) -> Path:
+    """Fit r_phi with ``cfg.method``; return the run folder (a reward-model folder for ``vrpo rl``).
+
+    The folder holds config.yaml (resolved), versions.json, manifests/ (provenance of the
+    data and samples), metrics.jsonl, checkpoints/ (``resume=True`` continues from the last),
+    the model (``save_pretrained``, safetensors) with its tokenizer, and README.md.
+    """
+    import yaml
+
+    from vrpo.provenance import atomic_write_json, atomic_write_text, fingerprint_data, package_versions
+    from vrpo.train.collator import PreferenceCollator
+    from vrpo.train.reward_run import MetricsJsonl, last_checkpoint, reward_model_card
+
+    cfg.validate()
+    out = Path(cfg.out)
+    tokenizer = _load_tokenizer(cfg)
+    features, k = load_reward_features(cfg, tokenizer)  # bad data fails here, before any model is loaded
+    data_path, data_manifest = _resolve_data(cfg.data)
+    provenance = _check_provenance(cfg, data_manifest)
+    model, _ = _build_model(cfg, tokenizer)
+    provenance["data_fingerprint"] = fingerprint_data(data_path)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump({**asdict(cfg), "stage": "reward_model",
+                                                           "num_ref_samples": k}, sort_keys=False))
+    atomic_write_json(out / "versions.json", package_versions())
+    atomic_write_json(out / "manifests" / "provenance.json", provenance)
+
+    args = _training_arguments(cfg, out / "checkpoints")
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=features, processing_class=tokenizer,
+        data_collator=PreferenceCollator(tokenizer.pad_token_id, with_reference=k is not None),
+        callbacks=[MetricsJsonl(out / "metrics.jsonl")], rm_config=cfg, num_ref_samples=k,
+    )
+    ckpt = last_checkpoint(out / "checkpoints") if resume else None
+    MetricsJsonl.truncate_after(out / "metrics.jsonl", ckpt)
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(out)
+    atomic_write_text(out / "README.md", reward_model_card(cfg, k, provenance))
+    return out
+
+
+def _training_arguments(cfg: RewardModelConfig, output_dir: Path):
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps, lr_scheduler_type=cfg.lr_scheduler_type, seed=cfg.seed, data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        report_to=cfg.report_to, remove_unused_columns=False,  # features are ours, not model inputs
+    )
+    kwargs.update(cfg.training_args)
+    try:
+        return TrainingArguments(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"training args: {str(e).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation: accuracy against the true preference, spread across seeds
+# --------------------------------------------------------------------------------------
+def pair_margins(scorer, prompts: Sequence, chosen: Sequence, rejected: Sequence):
+    """z = r(x, y+) - r(x, y-) [N] for a reward scorer (``vrpo.policy_stage.RewardModelScorer``
+    or any ``score(prompts, completions) -> tensor``)."""
+    import torch
+
+    r = scorer.score(list(prompts) * 2, list(chosen) + list(rejected))
+    r = torch.as_tensor(r, dtype=torch.float64)
+    return r[: len(prompts)] - r[len(prompts) :]
+
+
+def reward_accuracy(margins, true_prob=None) -> float:
+    """Agreement of the reward model with the true preference on held-out pairs.
+
+    Without ``true_prob``: the fraction of pairs with z > 0 (chosen is the truly preferred
+    response). With ``true_prob`` p* = P(chosen > rejected): the expected agreement
+    mean(p* 1[z > 0] + (1 - p*) 1[z < 0]) (ties count half), so noisy truths are not
+    rounded away.
+    """
+    import torch
+
+    z = torch.as_tensor(margins, dtype=torch.float64)
+    win = (z > 0).double() + 0.5 * (z == 0).double()
+    if true_prob is None:
+        return float(win.mean())
+    p = torch.as_tensor(true_prob, dtype=torch.float64)
+    return float((p * win + (1 - p) * (1 - win)).mean())
+
+
+def margin_variance_across_seeds(margins_by_seed) -> dict:
+    """How much the fitted reward changes with the training seed (the estimator's variance).
+
+    ``margins_by_seed`` [S, N]: margins of the same N evaluation pairs under S reward models
+    trained on different seeds/data draws. Margins, not rewards, because a reward model is
+    identified only up to a per-prompt constant. Returns the mean over pairs of the
+    across-seed variance (``margin_variance``), the same after scaling each model's margins
+    to unit RMS (``normalized_margin_variance``: immune to a seed merely scaling rewards), and
+    the mean rate at which two seeds disagree on the sign of a pair (``sign_disagreement``).
+    """
+    import torch
+
+    m = torch.as_tensor(margins_by_seed, dtype=torch.float64)
+    if m.dim() != 2 or m.shape[0] < 2:
+        raise ValueError(f"margins_by_seed: shape {tuple(m.shape)}; expected [S, N] with at least 2 seeds")
+    scaled = m / m.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+    s = (m > 0).double()
+    agree_pos = s.mean(0)  # fraction of seeds with z > 0, per pair
+    S = m.shape[0]
+    disagree = 2 * agree_pos * (1 - agree_pos) * S / (S - 1)  # P(two distinct seeds differ), unbiased
+    return {"margin_variance": float(m.var(0).mean()), "normalized_margin_variance": float(scaled.var(0).mean()),
+            "sign_disagreement": float(disagree.mean()), "num_seeds": S, "num_pairs": m.shape[1]}
