@@ -33,7 +33,7 @@ PAPER_COLUMNS = ("a_1", "a_2", "chosen_preference", "rejected_preference", "a_1_
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 __all__ = [
-    "load_preferences", "load_prompts", "read_rows", "prompt_id_of", "from_paper_schema",
+    "load_preferences", "load_prompts", "attach_reference_samples", "read_rows", "prompt_id_of", "from_paper_schema",
     "check_probability_column", "tokenize_completions", "pad_right", "sequence_batch", "REQUIRED_COLUMNS", "PAPER_COLUMNS",
 ]
 
@@ -247,6 +247,24 @@ def load_prompts(path: str | Path, tokenizer=None, *, split: str | None = None, 
         seen.setdefault(pid, prompt)
     items = [{"prompt_id": k, "prompt": v} for k, v in seen.items()]
     return items[:max_rows]
+
+
+def attach_reference_samples(rows: list[dict], table: list[dict], source: str) -> list[dict]:
+    """Join the rows of a ``vrpo sample`` table (prompt_id, samples, ref_logps) onto
+    preference rows by prompt_id. Rows that already hold ``ref_samples`` must agree."""
+    by_id = {str(r["prompt_id"]): r for r in table}
+    out = []
+    for i, row in enumerate(rows):
+        pid = str(row["prompt_id"])
+        if pid not in by_id:
+            raise ValueError(f"{source}: no reference samples for prompt_id {pid!r} (data row {i}); "
+                             "sample the same prompts with `vrpo sample --prompts DATA`")
+        sampled = by_id[pid]
+        if row.get("ref_samples") is not None and list(row["ref_samples"]) != list(sampled["samples"]):
+            raise ValueError(f"{source}: data row {i} (prompt_id {pid!r}) holds ref_samples that differ from the "
+                             "samples folder; pass the samples the data was scored with")
+        out.append(dict(row, ref_samples=list(sampled["samples"]), ref_logps=list(sampled["ref_logps"])))
+    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""``vrpo score``: attach the auxiliary probabilities g to every observed and reference pair.
+
+For each labelled pair, ``aux_prob`` = g(x, y+, y-) (the out-of-fold prediction when the
+auxiliary model was cross-fitted by ``vrpo fit-aux``, so the label does not leak); for the
+K reference samples of each prompt, ``ref_aux_prob`` = the K x K matrix [j][k] = g(x, y~_j, y~_k)
+(diagonal 1/2, [k][j] = 1 - [j][k]). Every model is antisymmetrised (vrpo.aux).
+
+The K(K-1)/2 reference pairs of a chunk of prompts go to the model in ONE batched call
+(``AuxModel.predict_pairwise_batch``; embedding models embed each distinct response once).
+Chunks are written atomically to ``OUT/shards/`` so a killed run resumes; the result is
+``OUT/data.parquet`` + ``OUT/manifest.json`` (docs/architecture.md).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DATA_FILE = "data.parquet"
+
+
+def _observed_probs(aux, spec: str, rows: list[dict], source: str):
+    """aux_prob of the labelled pairs: a column, out-of-fold predictions, or the model."""
+    from vrpo.aux.base import ColumnAux
+    from vrpo.data import check_probability_column
+
+    if isinstance(aux, ColumnAux):
+        if aux.column not in rows[0]:
+            raise ValueError(f"--aux {spec}: {source} has no column {aux.column!r}")
+        return check_probability_column([r.get(aux.column) for r in rows], aux.column, source)
+    if Path(spec).is_dir():
+        from vrpo.aux.io import load_oof
+
+        oof = load_oof(spec, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows])
+        if oof is not None:
+            return [float(p) for p in oof]
+    return None  # scored with the model, chunk by chunk
+
+
+def _reference_matrices(aux, spec: str, chunk: list[dict], source: str) -> list[list[list[float]]]:
+    from vrpo.aux.base import ColumnAux
+
+    if isinstance(aux, ColumnAux):
+        if chunk[0].get("ref_aux_prob") is None:
+            raise ValueError(f"--aux {spec}: precomputed columns cannot score new reference pairs and {source} has no "
+                             "ref_aux_prob column; use a model or a callable")
+        return [r["ref_aux_prob"] for r in chunk]
+    mats = aux.predict_pairwise_batch([r["prompt"] for r in chunk], [list(r["ref_samples"]) for r in chunk])
+    return [m.tolist() for m in mats]
+
+
+def score_chunk(aux, spec: str, chunk: list[dict], observed: list[float] | None, source: str) -> list[dict]:
+    """The chunk's rows with aux_prob and ref_aux_prob attached."""
+    if observed is None:
+        observed = aux.predict_proba([r["prompt"] for r in chunk], [r["chosen"] for r in chunk],
+                                     [r["rejected"] for r in chunk]).tolist()
+    mats = _reference_matrices(aux, spec, chunk, source)
+    return [dict(r, aux_prob=float(p), ref_aux_prob=m) for r, p, m in zip(chunk, observed, mats)]
+
+
+def score_pairs(aux_spec: str, data: str, samples: str | None, out: str, *, chunk_size: int = 256,
+                max_rows: int | None = None) -> Path:
+    """Write ``out/data.parquet`` (preference columns + aux_prob, ref_samples, ref_aux_prob,
+    ref_logps) and ``out/manifest.json``; resumes from finished chunks. Returns the table path."""
+    from tqdm.auto import tqdm
+
+    from vrpo.aux import resolve_aux
+    from vrpo.provenance import fingerprint_data, read_manifest, write_manifest
+    from vrpo.sampling import _write_parquet, read_samples
+    from vrpo.data import attach_reference_samples, load_preferences
+
+    rows = load_preferences(data, max_rows=max_rows).to_list()
+    samples_manifest = None
+    if samples:
+        rows = attach_reference_samples(rows, read_samples(samples), f"--samples {samples}")
+        samples_manifest = read_manifest(samples)
+    elif rows[0].get("ref_samples") is None:
+        raise ValueError(f"--data {data}: rows have no ref_samples; pass --samples DIR from `vrpo sample`")
+    aux = resolve_aux(aux_spec)
+    observed = _observed_probs(aux, aux_spec, rows, data)
+    out_dir = Path(out)
+    manifest = {"kind": "scored_pairs", "aux": aux_spec, "data": str(data), "data_fingerprint": fingerprint_data(data),
+                "samples": samples, "samples_manifest": samples_manifest, "num_rows": len(rows),
+                "observed_pairs": "column" if observed is not None and not Path(aux_spec).is_dir() else
+                ("out-of-fold" if observed is not None else "model"), "chunk_size": chunk_size}
+    if (out_dir / "manifest.json").exists():
+        old = read_manifest(out_dir)
+        if any(old.get(k) != manifest[k] for k in ("aux", "data_fingerprint", "num_rows", "chunk_size")):
+            raise ValueError(f"--out {out_dir}: holds scores of other data or another --aux; use a new --out folder")
+    write_manifest(out_dir, dict(manifest, complete=False))
+    starts = range(0, len(rows), chunk_size)
+    for start in tqdm(starts, desc="scoring pairs", unit="chunk"):
+        shard = out_dir / "shards" / f"chunk-{start // chunk_size:05d}.parquet"
+        if shard.exists():
+            continue
+        chunk = rows[start:start + chunk_size]
+        obs = None if observed is None else observed[start:start + chunk_size]
+        _write_parquet(shard, score_chunk(aux, aux_spec, chunk, obs, str(data)))
+    _merge(out_dir, len(starts))
+    write_manifest(out_dir, dict(manifest, complete=True))
+    return out_dir / DATA_FILE
+
+
+def _merge(out_dir: Path, num_chunks: int) -> None:
+    import pyarrow.parquet as pq
+
+    from vrpo.sampling import _write_parquet
+
+    rows = []
+    for c in range(num_chunks):
+        rows.extend(pq.read_table(out_dir / "shards" / f"chunk-{c:05d}.parquet").to_pylist())
+    _write_parquet(out_dir / DATA_FILE, rows)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--aux", required=True, help="module:function | file.py:function (batched callable "
+                   "fn(prompts, a, b) -> P(a > b)) | column:NAME | a `vrpo fit-aux` folder")
+    p.add_argument("--data", required=True, help="preference data (JSONL/Parquet/CSV/saved folder)")
+    p.add_argument("--samples", help="a `vrpo sample` folder with the reference samples of the same prompts")
+    p.add_argument("--out", required=True, help="output folder: data.parquet + manifest.json (resumable)")
+    p.add_argument("--chunk-size", type=int, default=256, help="prompts per batched call and per resumable chunk")
+    p.add_argument("--max-rows", type=int, default=None, help="score only the first N rows")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = score_pairs(args.aux, args.data, args.samples, args.out, chunk_size=args.chunk_size, max_rows=args.max_rows)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,96 @@
+"""Reference log-probs log pi_ref(y|x) of every training sequence, computed once and cached.
+
+They are constants of the objective (METHOD.md), so training never holds a reference model:
+this pass runs the reference model once over chosen and rejected responses (and over
+reference samples whose log-probs did not come with them), stores the values in a cache
+file keyed by a fingerprint of (reference model, token ids), and frees the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from vrpo.provenance import atomic_write_json
+
+
+def token_fingerprint(features: list[dict]) -> str:
+    """sha256 of every sequence's token ids: the data AND its tokenisation."""
+    h = hashlib.sha256()
+    for f in features:
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids", "ref_prompt_ids", "ref_ids"):
+            h.update(json.dumps(f.get(key)).encode())
+    return h.hexdigest()
+
+
+def _missing_sample_positions(features: list[dict]) -> list[int]:
+    return [i for i, f in enumerate(features) if "ref_ids" in f and f.get("ref_logps") is None]
+
+
+def compute_reference_logps(model, features: list[dict], pad_token_id: int, batch_size: int) -> dict:
+    """{"chosen": [n], "rejected": [n], "samples": {i: [K]}} under ``model`` at temperature 1."""
+    from tqdm.auto import tqdm
+
+    from vrpo.sampling import sequence_logps_under
+
+    prompts, completions, slots = [], [], []
+    for i, f in enumerate(features):
+        prompts += [f["prompt_ids"], f["prompt_ids"]]
+        completions += [f["chosen_ids"], f["rejected_ids"]]
+        slots += [("chosen", i), ("rejected", i)]
+    for i in _missing_sample_positions(features):
+        for j, ids in enumerate(features[i]["ref_ids"]):
+            prompts.append(features[i]["ref_prompt_ids"])
+            completions.append(ids)
+            slots.append(("samples", i, j))
+    values = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="reference log-probs", unit="batch"):
+        values += sequence_logps_under(model, prompts[start:start + batch_size], completions[start:start + batch_size],
+                                       pad_token_id, batch_size)
+    out = {"chosen": [0.0] * len(features), "rejected": [0.0] * len(features), "samples": {}}
+    for slot, v in zip(slots, values):
+        if slot[0] == "samples":
+            out["samples"].setdefault(str(slot[1]), [0.0] * len(features[slot[1]]["ref_ids"]))[slot[2]] = v
+        else:
+            out[slot[0]][slot[1]] = v
+    return out
+
+
+def stored_sample_logp_error(model, features: list[dict], pad_token_id: int, num_prompts: int = 4) -> float | None:
+    """Largest |stored - recomputed| ref log-prob over the samples of the first prompts that
+    brought their own (from ``vrpo sample``): a different model or tokenisation shows here."""
+    from vrpo.sampling import sequence_logps_under
+
+    worst = None
+    stored = [f for f in features if f.get("ref_logps") is not None][:num_prompts]
+    for f in stored:
+        fresh = sequence_logps_under(model, [f["ref_prompt_ids"]] * len(f["ref_ids"]), f["ref_ids"], pad_token_id)
+        err = max(abs(a - b) for a, b in zip(fresh, f["ref_logps"]))
+        worst = err if worst is None else max(worst, err)
+    return worst
+
+
+def attach_reference_logps(features: list[dict], ref_model_path: str, model_fingerprint: str, pad_token_id: int,
+                           cache_dir: str | Path, batch_size: int = 8, trust_remote_code: bool = False) -> tuple[list[dict], dict]:
+    """Add ref_chosen_logps / ref_rejected_logps (and missing ref_logps) to the features,
+    from the cache when it holds this (model, token ids) key. Returns the features and
+    {"cache": file, "stored_sample_logp_error": float or None}."""
+    key = hashlib.sha256((model_fingerprint + token_fingerprint(features)).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"ref-logps-{key}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+    else:
+        from vrpo.sampling import load_model_and_tokenizer
+
+        model, _ = load_model_and_tokenizer(ref_model_path, trust_remote_code=trust_remote_code, what="reference model")
+        cached = compute_reference_logps(model, features, pad_token_id, batch_size)
+        cached["stored_sample_logp_error"] = stored_sample_logp_error(model, features, pad_token_id)
+        del model  # no reference model is held during training
+        atomic_write_json(path, dict(cached, model_fingerprint=model_fingerprint))
+    out = []
+    for i, f in enumerate(features):
+        f = dict(f, ref_chosen_logps=cached["chosen"][i], ref_rejected_logps=cached["rejected"][i])
+        if str(i) in cached["samples"]:
+            f["ref_logps"] = cached["samples"][str(i)]
+        out.append(f)
+    return out, {"cache": str(path), "stored_sample_logp_error": cached.get("stored_sample_logp_error")}

@@ -1,0 +1,197 @@
+"""``train(config)``: one training run from a preference file to a saved model, read top to bottom.
+
+    data -> (reference samples) -> provenance check -> features -> reference log-probs (cached)
+         -> VRPOTrainer (resumes from the last checkpoint) -> model + model card + run record
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from vrpo.provenance import (atomic_write_json, atomic_write_text, check_reference, fingerprint_data, fingerprint_model,
+                             fingerprint_tokenizer, package_versions, read_manifest)
+from vrpo.train.config import VRPOConfig
+from vrpo.train.methods import METHODS
+
+SAMPLE_LOGP_TOLERANCE = 1e-3  # nats; stored vs recomputed reference log-probs of the same sequence
+
+
+def load_training_rows(cfg: VRPOConfig, tokenizer) -> tuple[list[dict], dict]:
+    """Canonical rows (a `vrpo score` folder or any preference file) and the manifests met."""
+    from vrpo.data import load_preferences
+
+    data = Path(cfg.data)
+    manifests: dict = {}
+    if data.is_dir() and (data / "data.parquet").exists():  # a `vrpo score` folder
+        rows = load_preferences(data / "data.parquet", tokenizer).to_list()
+        if (data / "manifest.json").exists():
+            manifests["scored_data"] = read_manifest(data)
+            if manifests["scored_data"].get("samples_manifest"):
+                manifests["samples"] = manifests["scored_data"]["samples_manifest"]
+    else:
+        rows = load_preferences(data, tokenizer).to_list()
+        if data.is_dir() and (data / "manifest.json").exists():
+            manifests["labelled_pairs"] = read_manifest(data)
+    if cfg.samples and METHODS[cfg.method].needs_reference_samples:
+        from vrpo.sampling import read_samples
+        from vrpo.data import attach_reference_samples
+
+        rows = attach_reference_samples(rows, read_samples(cfg.samples), f"--samples {cfg.samples}")
+        manifests["samples"] = read_manifest(cfg.samples)
+    return rows, manifests
+
+
+def check_provenance(cfg: VRPOConfig, manifests: dict, ref_fp: str, tok_fp: str) -> list[str]:
+    """Refuse data not drawn from the reference model unless --allow-reference-mismatch."""
+    problems = []
+    if "samples" in manifests and METHODS[cfg.method].needs_reference_samples:
+        problems += check_reference(manifests["samples"], ref_fp, tok_fp, allow_mismatch=cfg.allow_reference_mismatch,
+                                    what="reference samples")
+    if "labelled_pairs" in manifests:
+        problems += check_reference(manifests["labelled_pairs"], ref_fp, tok_fp,
+                                    allow_mismatch=cfg.allow_reference_mismatch, what="labelled pairs")
+    return problems
+
+
+def _disable_dropout(model) -> None:
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _apply_lora(model, cfg: VRPOConfig):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError("--lora-r: needs peft (pip install 'vrpo[peft]')") from None
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=cfg.lora_target_modules or "all-linear")
+    return get_peft_model(model, lora)
+
+
+def training_arguments(cfg: VRPOConfig):
+    import torch
+    from transformers import TrainingArguments
+
+    extra = dict(cfg.training_args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        extra.setdefault("ddp_backend", "gloo")  # CPU processes (tests, laptops)
+    return TrainingArguments(
+        output_dir=cfg.out, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler_type, seed=cfg.seed,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, report_to=list(cfg.report_to), bf16=cfg.bf16,
+        remove_unused_columns=False, disable_tqdm=False, **extra)
+
+
+def prepare(cfg: VRPOConfig, targs) -> dict:
+    """Everything before the optimiser: tokenizer, features with reference log-probs, provenance."""
+    from vrpo.sampling import load_tokenizer
+    from vrpo.train.collator import build_features, default_num_ref_samples
+    from vrpo.train.reference import attach_reference_logps
+
+    method = METHODS[cfg.method]
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    rows, manifests = load_training_rows(cfg, tokenizer)
+    ref_path = cfg.ref_model or cfg.model
+    ref_fp, tok_fp = fingerprint_model(ref_path), fingerprint_tokenizer(ref_path)
+    problems = check_provenance(cfg, manifests, ref_fp, tok_fp)
+    k = None
+    if method.needs_reference_samples:
+        k = cfg.num_ref_samples or default_num_ref_samples(rows, cfg.data)
+    features = build_features(rows, tokenizer, cfg, with_reference=method.needs_reference_samples, num_ref_samples=k,
+                              source=cfg.data)
+    with targs.main_process_first(local=False, desc="reference log-probs"):
+        features, ref_info = attach_reference_logps(
+            features, ref_path, ref_fp, tokenizer.pad_token_id, cfg.cache_dir or Path(cfg.out) / "cache",
+            cfg.ref_batch_size, cfg.trust_remote_code)
+    err = ref_info["stored_sample_logp_error"]
+    if err is not None and err > SAMPLE_LOGP_TOLERANCE:
+        msg = (f"stored reference log-probs of the samples differ from the reference model's by {err:.3g} nats "
+               "(another model or tokenisation)")
+        if not cfg.allow_reference_mismatch:
+            raise ValueError(msg + "; pass --allow-reference-mismatch to train anyway")
+        problems.append(msg)
+    provenance = {"reference_model": ref_path, "reference_model_fingerprint": ref_fp, "tokenizer_fingerprint": tok_fp,
+                  "data": cfg.data, "data_fingerprint": fingerprint_data(cfg.data), "num_examples": len(features),
+                  "num_ref_samples": k, "allowed_mismatches": problems, "reference_logps": ref_info}
+    return {"tokenizer": tokenizer, "features": features, "manifests": manifests, "provenance": provenance, "k": k}
+
+
+def write_run_record(cfg: VRPOConfig, prep: dict) -> None:
+    import yaml
+
+    out = Path(cfg.out)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+    atomic_write_json(out / "versions.json", package_versions())
+    for name, manifest in prep["manifests"].items():
+        atomic_write_json(out / "manifests" / f"{name}.json", manifest)
+    atomic_write_json(out / "manifests" / "provenance.json", prep["provenance"])
+
+
+def build_trainer(cfg: VRPOConfig, targs, prep: dict, callbacks: Sequence = ()):
+    from datasets import Dataset
+
+    from vrpo.sampling import load_model_and_tokenizer
+    from vrpo.train.collator import PreferenceCollator
+    from vrpo.train.trainer import MetricsJsonlCallback, VRPOTrainer
+
+    method = METHODS[cfg.method]
+    model, _ = load_model_and_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if cfg.disable_dropout:
+        _disable_dropout(model)
+    if cfg.lora_r > 0:
+        model = _apply_lora(model, cfg)
+    tokenizer = prep["tokenizer"]
+    return VRPOTrainer(
+        model=model, args=targs, train_dataset=Dataset.from_list(prep["features"]),
+        data_collator=PreferenceCollator(tokenizer.pad_token_id, method.needs_reference_samples),
+        processing_class=tokenizer, callbacks=[MetricsJsonlCallback(Path(cfg.out) / "metrics.jsonl"), *callbacks],
+        method=method, vrpo_config=cfg)
+
+
+def last_checkpoint(out: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(out)) if out.is_dir() else None
+
+
+def train(config: VRPOConfig | dict, callbacks: Sequence = ()) -> Path:
+    """Train and save a model into ``config.out``; resumes from its last checkpoint. Returns the run folder."""
+    from vrpo.train.trainer import truncate_metrics
+
+    cfg = (VRPOConfig.from_dict(config) if isinstance(config, dict) else config).validate()
+    out = Path(cfg.out)
+    targs = training_arguments(cfg)
+    prep = prepare(cfg, targs)
+    if targs.process_index == 0:
+        write_run_record(cfg, prep)
+    trainer = build_trainer(cfg, targs, prep, callbacks)
+    ckpt = last_checkpoint(out) if cfg.resume else None
+    if targs.process_index == 0:
+        truncate_metrics(out / "metrics.jsonl", int(ckpt.rsplit("-", 1)[1]) if ckpt else 0)
+    trainer.train(resume_from_checkpoint=ckpt)
+    save_model(trainer, cfg, prep)
+    return out
+
+
+def save_model(trainer, cfg: VRPOConfig, prep: dict) -> None:
+    """safetensors model (LoRA merged; the adapter kept in OUT/adapter), tokenizer, model card."""
+    from vrpo.train.model_card import model_card
+
+    out = Path(cfg.out)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not trainer.is_world_process_zero():
+        return
+    if cfg.lora_r > 0:
+        model.save_pretrained(out / "adapter", safe_serialization=True)
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    prep["tokenizer"].save_pretrained(out)
+    final = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
+    atomic_write_text(out / "README.md", model_card(cfg, prep, final))
