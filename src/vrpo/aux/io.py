@@ -146,23 +146,24 @@ def write_oof(out_dir, prompts, chosen, rejected, prompt_ids, aux_prob, folds) -
 
 
 def load_oof(aux_dir, prompts, chosen, rejected):
-    """Out-of-fold ``aux_prob`` [n] for the given labelled pairs, matched by ``pair_id``, or
-    None when the folder has no ``oof.parquet``. A pair the file lacks is a ValueError (its
-    label may have been seen by every fold model: scoring it in-sample would leak the label).
-    For a pair listed twice, the first listing's prediction is used."""
+    """Out-of-fold ``aux_prob`` [n] for the given labelled pairs, or None when the folder has
+    no ``oof.parquet``. Row by row when the data is the fit's data in the same order;
+    otherwise matched by ``pair_id`` (a pair listed several times gets the mean of its
+    listings). A pair the file lacks is a ValueError: every fold model may have seen its
+    label, and scoring it in-sample would leak the label into g."""
     import numpy as np
     import pandas as pd
 
     path = Path(aux_dir) / OOF_NAME
     if not path.exists():
         return None
-    table = pd.read_parquet(path, columns=["pair_id", "aux_prob"]).drop_duplicates("pair_id")
-    lookup = dict(zip(table["pair_id"], table["aux_prob"]))
-    out = np.empty(len(prompts))
-    for i, (x, c, r) in enumerate(zip(prompts, chosen, rejected)):
-        key = pair_id(x, c, r)
-        if key not in lookup:
-            raise ValueError(f"{path}: has no out-of-fold prediction for row {i} (pair_id {key}); expected the "
-                             "data that `vrpo fit-aux` was fitted on (refit, or score these pairs with the model)")
-        out[i] = lookup[key]
-    return out
+    table = pd.read_parquet(path, columns=["pair_id", "aux_prob"])
+    keys = [pair_id(x, c, r) for x, c, r in zip(prompts, chosen, rejected)]
+    if keys == list(table["pair_id"]):
+        return table["aux_prob"].to_numpy(dtype=np.float64, copy=True)
+    lookup = table.groupby("pair_id")["aux_prob"].mean().to_dict()
+    missing = next((i for i, k in enumerate(keys) if k not in lookup), None)
+    if missing is not None:
+        raise ValueError(f"{path}: has no out-of-fold prediction for row {missing} (pair_id {keys[missing]}); expected "
+                         "the data that `vrpo fit-aux` was fitted on (refit, or score these pairs with the model)")
+    return np.array([lookup[k] for k in keys], dtype=np.float64)
