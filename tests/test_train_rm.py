@@ -159,3 +159,47 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):
         _cfg(setup, tmp_path, method="dpo").validate()
     with pytest.raises(ValueError, match="is not a model folder"):
         train_reward_model(_cfg(setup, tmp_path, model=str(tmp_path / "none")))
+
+
+@pytest.mark.slow
+def test_two_stage_experiment_api(setup, tmp_path):
+    """bt and vrpo reward models over 2 seeds, a policy for seed 0, best-of-n; rerun resumes."""
+    from vrpo.train.reward_two_stage import EvalPairs, TwoStageSpec, run_two_stage
+
+    rows = _scored_rows(4)
+    pairs = EvalPairs([r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
+                      true_prob=[0.9, 0.8, 1.0, 0.7])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    seen = []
+
+    def evaluate_policy(policy_dir, seed):
+        seen.append((policy_dir, seed))
+        assert (policy_dir / "model.safetensors").is_file()
+        return {"gold": 0.5}
+
+    def gold(prompts, completions):  # hand-made gold: likes the letter 'e'
+        return [c.count("e") / 10 for c in completions]
+
+    spec = TwoStageSpec(seeds=(0, 1), rl_seeds=(0,),
+                        reward_model=dict(max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+                                          max_length=64, max_prompt_length=32, logging_steps=1),
+                        method_overrides={"vrpo": {"base_loss": "ramp"}},
+                        rl=dict(max_steps=1, num_generations=2, batch_size=4, max_completion_length=4))
+    kw = dict(base_model=str(setup["model"]), out=tmp_path / "two", data_for_seed=lambda s: str(setup["scored"]),
+              eval_pairs=pairs, rl_prompts=str(prompts), evaluate_policy=evaluate_policy,
+              best_of_n_candidates=([r["prompt"] for r in rows], [r["ref_samples"] for r in rows]), gold_score=gold,
+              progress=False)
+    res = run_two_stage(spec, **kw)
+    for m in ("bt", "vrpo"):
+        assert sorted(res[m]["seeds"]) == [0, 1]
+        assert 0.0 <= res[m]["rm_accuracy_mean"] <= 1.0
+        assert res[m]["reward_spread"]["num_seeds"] == 2 and res[m]["reward_spread"]["margin_variance"] >= 0
+        assert "policy_eval" in res[m]["seeds"][0] and "policy" not in res[m]["seeds"][1]
+        assert len(res[m]["seeds"][0]["best_of_n_gold"]) == 4
+    assert sorted(s for _, s in seen) == [0, 0]
+    assert "base_loss: ramp" in (tmp_path / "two" / "vrpo" / "seed0" / "reward_model" / "config.yaml").read_text()
+    # seeds differ, so the reward models differ
+    assert res["bt"]["seeds"][0]["margins"] != res["bt"]["seeds"][1]["margins"]
+    again = run_two_stage(spec, **kw)  # resumes from result.json: no training, no evaluation
+    assert len(seen) == 2 and again["vrpo"]["rm_accuracy_mean"] == res["vrpo"]["rm_accuracy_mean"]
