@@ -1,0 +1,103 @@
+"""``vrpo reproduce imdb``: the paper's controlled language experiment on CPU.
+
+A tiny GPT (pi_ref, pre-trained here on IMDb text) continues review prefixes; simulated
+reviewers (a non-Bradley-Terry mixture) label pairs of its continuations; each method of
+``methods.METHODS`` trains on those labels with ``vrpo.train``; a gold sentiment classifier
+scores the trained policies at five sampling temperatures. See docs/imdb.md.
+
+Writes to ``--out`` (default ``runs/imdb-<preset>``): ``results.json``, ``results.md``,
+``score_vs_temperature.png``, ``score_vs_kl.png``, ``config.json`` (the resolved preset),
+``versions.json``; per run ``runs/<method>/seed<k>/`` (model, result.json). Rerunning skips
+finished (method, seed) pairs.
+
+Other experiments add sections to the results (issue 7's two-stage rows) by one line in
+``EXTRA_SECTIONS``: ``name -> "module:function"``, the function taking ``(setup, out)`` and
+returning ``{"json": <anything JSON>, "markdown": <str>}``.
+"""
+from __future__ import annotations
+
+import argparse
+
+EXTRA_SECTIONS: dict[str, str] = {}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="quick", help="quick (the demo, minutes), paper (the full table, "
+                        "see docs/imdb.md for its runtime) or micro (the tests' smoke run); default quick")
+    parser.add_argument("--out", default=None, help="output folder (default runs/imdb-PRESET)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated method names (default: the preset's); see docs/imdb.md")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _preset_from_args(args):
+    from vrpo.experiments.imdb.methods import get_methods
+    from vrpo.experiments.imdb.presets import get_preset
+
+    overrides = {}
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds {args.seeds}: expected at least 1")
+        overrides["seeds"] = tuple(range(args.seeds))
+    if args.methods:
+        names = tuple(n.strip() for n in args.methods.split(",") if n.strip())
+        get_methods(names)
+        overrides["methods"] = names
+    return get_preset(args.preset, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import importlib
+    import json
+    import shlex
+    import sys
+    import time
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import torch
+
+    from vrpo.experiments.imdb.methods import get_methods
+    from vrpo.experiments.imdb.pipeline import Setup, describe
+    from vrpo.experiments.imdb.report import plot, results_markdown, summarize
+    from vrpo.experiments.imdb.runner import run_all
+    from vrpo.provenance import atomic_write_json, atomic_write_text, package_versions
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # weight-loading bars and padding hints would drown our progress bars
+    hf_logging.disable_progress_bar()
+    preset = _preset_from_args(args)
+    out = Path(args.out or f"runs/imdb-{preset.name}")
+    progress = not args.no_progress
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", asdict(preset))
+    atomic_write_json(out / "versions.json", package_versions())
+    specs = get_methods(preset.methods)
+    specs += [s.at_beta(b) for s in get_methods(preset.frontier_methods) for b in preset.frontier_betas]
+    setup = Setup(preset, out, progress)
+    results = run_all(setup, specs, progress)
+    summary = summarize(results, preset.temperatures, preset.n_boot)
+    command = "vrpo reproduce imdb --preset " + preset.name + "".join(
+        f" {a}" for a in ([f"--seeds {args.seeds}"] if args.seeds else []) +
+        ([f"--methods {shlex.quote(args.methods)}"] if args.methods else []))
+    meta = {"preset": preset.name, "num_seeds": len(preset.seeds), "num_eval_prompts": preset.num_eval_prompts}
+    markdown = results_markdown(summary, preset.temperatures, command, meta)
+    extra = {}
+    for name, target in EXTRA_SECTIONS.items():
+        mod, fn = target.split(":")
+        section = getattr(importlib.import_module(mod), fn)(setup, out)
+        extra[name] = section["json"]
+        markdown += "\n" + section["markdown"]
+    elapsed = time.perf_counter() - t0
+    markdown += f"\nWall time of this invocation: {elapsed:.0f} s (finished runs are reused on a rerun).\n"
+    atomic_write_json(out / "results.json", {"command": command, "setup": describe(setup), "summary": summary,
+                                             "results": results, "seconds": elapsed, **extra})
+    atomic_write_text(out / "results.md", markdown)
+    plot(summary, results, preset.temperatures, out)
+    print(markdown)
+    print(f"imdb: wrote {out / 'results.md'}, results.json and plots", file=sys.stderr)
+    return 0
