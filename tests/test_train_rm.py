@@ -203,3 +203,20 @@ def test_two_stage_experiment_api(setup, tmp_path):
     assert res["bt"]["seeds"][0]["margins"] != res["bt"]["seeds"][1]["margins"]
     again = run_two_stage(spec, **kw)  # resumes from result.json: no training, no evaluation
     assert len(seen) == 2 and again["vrpo"]["rm_accuracy_mean"] == res["vrpo"]["rm_accuracy_mean"]
+
+
+def test_gradient_accumulation_matches_one_big_batch(setup, tmp_path):
+    """One step of 4 prompts equals one step of 2 x 2 accumulated prompts (the loss is a per-example mean).
+    Plain SGD: its step is proportional to the gradient, so a wrong accumulation scale shows
+    (Adam's first step, about lr * sign(g), would hide it)."""
+    from safetensors.torch import load_file
+
+    kw = dict(method="vrpo", max_steps=1, lr_scheduler_type="constant", save_steps=100, learning_rate=0.1,
+              training_args={"optim": "sgd"})
+    big = train_reward_model(_cfg(setup, tmp_path, out=str(tmp_path / "big"), per_device_train_batch_size=4, **kw))
+    acc = train_reward_model(_cfg(setup, tmp_path, out=str(tmp_path / "acc"), per_device_train_batch_size=2,
+                                  gradient_accumulation_steps=2, **kw))
+    a, b = load_file(big / "model.safetensors"), load_file(acc / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    init = load_file(setup["model"] / "model.safetensors")
+    assert any(not torch.equal(a[k], init[k]) for k in init if k in a)

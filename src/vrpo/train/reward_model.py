@@ -69,6 +69,7 @@ class RewardModelConfig:
     base_loss: str = "sigmoid"  # f in l(z, p); "ramp" is bounded (see vrpo.losses)
     num_ref_samples: Optional[int] = None  # K (default: as many as every row holds, >= 2)
     control_variate_coef: float = 1.0  # c; 1 is the paper's estimator
+    disable_dropout: bool = True  # the rewards of a pair should differ by the text only, not by dropout noise
     # tokenisation (vrpo.data.tokenize_completions); the policy stage scores with the same
     max_length: int = 512
     max_prompt_length: int = 256
@@ -175,6 +176,8 @@ def _trainer_class():
             super().__init__(*args, **kwargs)
             self.rm_config, self.num_ref_samples = rm_config, num_ref_samples
             self.method = rm_method(rm_config.method)
+            # our loss is a per-example mean: the Trainer must scale it for gradient accumulation
+            self.model_accepts_loss_kwargs = False
             self._pending: dict[str, list[float]] = {}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -192,8 +195,9 @@ def _trainer_class():
                 margin = r.chosen - r.rejected
                 values = {"rewards/chosen": r.chosen.mean(), "rewards/rejected": r.rejected.mean(),
                           "rewards/margins": margin.mean(), "rewards/accuracies": (margin > 0).float().mean(), **extra}
-                for name, v in values.items():
-                    self._pending.setdefault(name, []).append(float(v.float().mean()))
+                for name, v in values.items():  # averaged over all processes under DDP
+                    v = self.accelerator.gather_for_metrics(v.detach().float().reshape(-1))
+                    self._pending.setdefault(name, []).append(v.mean().item())
 
         def log(self, logs: dict, *args, **kwargs) -> None:
             if "loss" in logs:  # a training log line: attach the averages since the last one
@@ -217,6 +221,7 @@ def _load_tokenizer(cfg: RewardModelConfig):
 
 def _build_model(cfg: RewardModelConfig, tokenizer=None):
     """A one-output sequence-classification model on ``cfg.model`` (safetensors only) and its tokenizer."""
+    import torch
     from transformers import AutoModelForSequenceClassification, set_seed
 
     tokenizer = tokenizer or _load_tokenizer(cfg)
@@ -224,6 +229,10 @@ def _build_model(cfg: RewardModelConfig, tokenizer=None):
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.model, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     return model, tokenizer
 
 
