@@ -9,6 +9,7 @@ import importlib
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "bandit": ("vrpo.simulate.reproduce", "the statistical testbed: simulated preferences with known truth"),
     "imdb": ("vrpo.experiments.imdb", "IMDb sentiment generation on CPU: tiny GPT, gold reward, simulated reviewers"),
+    "scheduling": ("vrpo.experiments.scheduling.workflow", "clinic scheduling assistant on SmolLM2: slices, reviewer panel, DPO vs VRPO, deployment gate"),
 }
 
 

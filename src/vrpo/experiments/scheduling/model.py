@@ -88,5 +88,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 def chat_prompt(tokenizer, message: str, system: str = SYSTEM_PROMPT) -> str:
     """The text pi_ref continues: system prompt + patient message in the model's chat
     template, ending where the assistant's turn begins."""
+    if not getattr(tokenizer, "chat_template", None):  # a base model (e.g. the tests' tiny GPT-2)
+        return f"System: {system}\nPatient: {message}\nAssistant:"
     messages = [{"role": "system", "content": system}, {"role": "user", "content": message}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

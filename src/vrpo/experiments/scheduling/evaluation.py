@@ -1,0 +1,89 @@
+"""Evaluation by slice under the panel's truth p*.
+
+For policies pi (pi_ref, DPO, VRPO) with one response per evaluation prompt:
+- win rate of pi against another policy in slice s: mean over prompts x of s of
+  p*(x, y_pi, y_other) (the expected share of reviewers preferring pi's answer), with a
+  95% percentile-bootstrap CI over prompts (``vrpo.evaluate.bootstrap_ci``);
+- rubric pass rates per slice (``panel.rubric_passes``), e.g. escalation on urgent symptoms;
+- calibration of the auxiliary model per slice, on the labelled pairs: its out-of-fold
+  g against the labels (Brier, ECE) and against the truth (mean |g - p*|), beside the
+  oracle g = p* (the best any g can do against noisy labels).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+ALL = "all"
+
+
+def _slices_with_all(slices: Sequence[str]) -> list[str]:
+    return sorted(set(slices)) + [ALL]
+
+
+def _members(slices: Sequence[str], name: str) -> np.ndarray:
+    return np.array([name in (s, ALL) for s in slices])
+
+
+def win_rates(panel, prompts: Sequence[str], slices: Sequence[str], policy: Sequence[str], other: Sequence[str],
+              n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """``{slice: {"win_rate", "ci_low", "ci_high", "n"}}`` of ``policy`` over ``other`` under p*."""
+    from vrpo.evaluate import bootstrap_ci
+
+    p = np.asarray(panel.preference_prob(list(prompts), list(policy), list(other)), dtype=np.float64)
+    out = {}
+    for name in _slices_with_all(slices):
+        values = p[_members(slices, name)]
+        lo, hi = bootstrap_ci(values, np.mean, n_boot=n_boot, seed=seed)
+        out[name] = {"win_rate": float(values.mean()), "ci_low": lo, "ci_high": hi, "n": int(values.size)}
+    return out
+
+
+def rubric_rates(panel, prompts: Sequence[str], slices: Sequence[str], responses: Sequence[str]) -> dict[str, dict]:
+    """``{slice: {rubric: pass rate}}`` over the prompts where the rubric applies."""
+    table = panel.rubrics(list(prompts), list(responses))
+    out: dict[str, dict] = {}
+    for name in _slices_with_all(slices):
+        rows = [table[i] for i in np.flatnonzero(_members(slices, name))]
+        rates = {}
+        for rubric in table[0]:
+            kept = [r[rubric] for r in rows if r[rubric] == r[rubric]]  # NaN: does not apply
+            if kept:
+                rates[rubric] = float(np.mean(kept))
+        out[name] = rates
+    return out
+
+
+def aux_calibration(aux_prob: Sequence[float], p_star: Sequence[float], slices: Sequence[str], seed: int = 0) -> dict:
+    """Per slice: the auxiliary model's out-of-fold g(x, chosen, rejected) against the labels
+    (every label is 1: chosen won) and against the truth p*; the oracle g = p* for scale."""
+    from vrpo.aux.calibration import brier, expected_calibration_error
+
+    g, truth = np.asarray(aux_prob, dtype=np.float64), np.asarray(p_star, dtype=np.float64)
+    labels = np.ones_like(g)
+    out = {}
+    for name in _slices_with_all(slices):
+        m = _members(slices, name)
+        bins = max(2, min(10, int(m.sum()) // 5))
+        out[name] = {"n": int(m.sum()), "mean_g": float(g[m].mean()), "mean_p_star": float(truth[m].mean()),
+                     "brier": brier(g[m], labels[m]), "ece": expected_calibration_error(g[m], labels[m], bins=bins),
+                     "oracle_brier": brier(truth[m], labels[m]), "mae_to_p_star": float(np.abs(g[m] - truth[m]).mean())}
+    return out
+
+
+def audit_truth(audit_rows: list[dict], pairs: list[dict], top_fraction: float = 0.2) -> dict:
+    """How well the audit's most disputed pairs find labels that are truly against the panel's
+    majority (p* < 1/2) or came from a fatigued reviewer, against the base rate. Pairs are
+    matched by their position (``row``) in the labelled data."""
+    k = max(1, int(round(top_fraction * len(audit_rows))))
+    top = [pairs[int(r["row"])] for r in audit_rows[:k]]
+
+    def rate(group, key):
+        return float(np.mean([key(p) for p in group])) if group else float("nan")
+
+    against = lambda p: p["p_star"] < 0.5  # noqa: E731
+    tired = lambda p: bool(p["fatigued"])  # noqa: E731
+    return {"top_fraction": top_fraction, "top_n": k,
+            "against_majority_top": rate(top, against), "against_majority_all": rate(pairs, against),
+            "fatigued_top": rate(top, tired), "fatigued_all": rate(pairs, tired)}

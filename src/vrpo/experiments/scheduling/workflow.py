@@ -1,0 +1,214 @@
+"""``vrpo reproduce scheduling --preset {quick,full}``: the seed's scenario end to end.
+
+A clinic's scheduling assistant (SmolLM2-135M-Instruct + a system prompt) is pi_ref. Every
+step is a ``vrpo`` command, run in order, each skipped when its output already exists (so a
+killed run resumes; the commands themselves resume too):
+
+    prompts  -> sample (K=2, the candidates the panel labels) -> label (reviewer panel)
+             -> sample (K reference samples, another seed) -> fit-aux (GPM on MiniLM, cross-fitted)
+             -> audit -> score -> train DPO and VRPO (LoRA, same steps, same batch)
+             -> responses on held-out prompts -> evaluate by slice under p* -> gate vs pi_ref
+
+Outputs in OUT: ``results.json``, ``results.md`` (slice tables + gate verdicts),
+``win_rates.png``, ``rubrics.png``, and every step's folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+# Preset sizes. quick: runs on 2 CPU cores in minutes, to show the workflow, not to measure
+# it (a few pairs, two LoRA steps). full: 80 labelled prompts per slice, a LoRA epoch.
+PRESETS: dict[str, dict] = {
+    "quick": {"train_per_slice": 2, "eval_per_slice": 2, "num_ref_samples": 2, "max_new_tokens": 24,
+              "max_steps": 2, "batch_size": 4, "learning_rate": 5e-4, "lora_r": 8, "folds": 2,
+              "aux_epochs": 20, "methods": ["dpo", "vrpo"]},
+    "full": {"train_per_slice": 80, "eval_per_slice": 20, "num_ref_samples": 4, "max_new_tokens": 64,
+             "max_steps": 120, "batch_size": 4, "learning_rate": 2e-4, "lora_r": 16, "folds": 5,
+             "aux_epochs": None, "methods": ["dpo", "vrpo", "vrpo_oracle"]},
+}
+# method name in results -> (vrpo train --method, auxiliary spec for `vrpo score`, or None)
+METHODS: dict[str, tuple[str, str | None]] = {
+    "dpo": ("dpo", None),
+    "vrpo": ("vrpo", "aux"),  # the cross-fitted GPM written by `vrpo fit-aux` into OUT/aux
+    "vrpo_oracle": ("vrpo", "vrpo.experiments.scheduling.panel:oracle_prob"),  # g = p*
+}
+REFERENCE = "pi_ref"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--out", default=None, help="output folder (default runs/scheduling-PRESET); rerun to resume")
+    parser.add_argument("--model", default=None, help="pi_ref folder (default: SmolLM2-135M-Instruct, converted and cached)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-regression", type=float, default=0.1, help="gate threshold (see `vrpo gate`)")
+    for key in ("train_per_slice", "eval_per_slice", "max_steps", "max_new_tokens", "num_ref_samples"):
+        parser.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="override the preset")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = resolve_settings(args)
+    out = Path(args.out or f"runs/scheduling-{args.preset}")
+    start = time.time()
+    steps = Workflow(out, settings, args.model, args.seed, args.max_regression)
+    results = steps.run_all()
+    results["seconds"] = round(time.time() - start, 1)
+    from vrpo.experiments.scheduling.report import write_report
+
+    write_report(out, results)
+    print((out / "results.md").read_text())
+    return 0
+
+
+def resolve_settings(args: argparse.Namespace) -> dict:
+    settings = dict(PRESETS[args.preset], preset=args.preset)
+    for key in ("train_per_slice", "eval_per_slice", "max_steps", "max_new_tokens", "num_ref_samples"):
+        value = getattr(args, key, None)
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"--{key.replace('_', '-')} {value}: expected a positive integer")
+            settings[key] = value
+    if settings["num_ref_samples"] < 2:
+        raise ValueError(f"--num-ref-samples {settings['num_ref_samples']}: expected at least 2")
+    return settings
+
+
+def vrpo(*argv: str) -> None:
+    """Run one ``vrpo`` command in this process; a non-zero exit stops the workflow."""
+    from vrpo.cli import main
+
+    print(f"\n$ vrpo {' '.join(argv)}", flush=True)
+    code = main(list(argv))
+    if code != 0:
+        raise RuntimeError(f"`vrpo {argv[0]}` exited with status {code}; see the message above")
+
+
+class Workflow:
+    def __init__(self, out: Path, settings: dict, model: str | None, seed: int, max_regression: float):
+        self.out, self.s, self.seed, self.max_regression = out, settings, seed, max_regression
+        self.model_arg = model
+
+    def path(self, *parts: str) -> str:
+        return str(self.out.joinpath(*parts))
+
+    def run_all(self) -> dict:
+        from vrpo.experiments.scheduling.model import smollm2_path
+
+        self.model = str(self.model_arg or smollm2_path())
+        train_rows, eval_rows = self.write_prompts()
+        self.sample("pairs_samples", 2, self.seed + 1)
+        if not Path(self.path("labelled", "pairs.jsonl")).exists():
+            vrpo("label", "--samples", self.path("pairs_samples"), "--out", self.path("labelled"), "--seed", str(self.seed + 2))
+        self.sample("ref_samples", self.s["num_ref_samples"], self.seed + 3)
+        self.fit_aux()
+        if not Path(self.path("audit", "audit.csv")).exists():
+            vrpo("audit", "--data", self.path("labelled", "pairs.jsonl"), "--aux", self.path("aux"), "--out", self.path("audit"))
+        for name in self.s["methods"]:
+            self.train(name)
+        policies = {REFERENCE: self.model, **{m: self.path("train", m) for m in self.s["methods"]}}
+        responses = {name: self.respond(name, folder, eval_rows) for name, folder in policies.items()}
+        gates = {m: self.gate(m) for m in self.s["methods"]}
+        return self.evaluate(eval_rows, responses, gates)
+
+    # ---- data ------------------------------------------------------------------------
+    def write_prompts(self) -> tuple[list[dict], list[dict]]:
+        """Disjoint train / evaluation prompts, rendered with the chat template + system prompt."""
+        from transformers import AutoTokenizer
+
+        from vrpo.experiments.scheduling.model import chat_prompt
+        from vrpo.experiments.scheduling.prompts import patient_messages, split_disjoint
+        from vrpo.provenance import atomic_write_text
+
+        per_slice = self.s["train_per_slice"] + self.s["eval_per_slice"]
+        train, evaluation = split_disjoint(patient_messages(per_slice, seed=self.seed), self.s["eval_per_slice"])
+        tokenizer = AutoTokenizer.from_pretrained(self.model)
+        for name, rows in (("train", train), ("eval", evaluation)):
+            for r in rows:
+                r["prompt"] = chat_prompt(tokenizer, r["message"])
+            atomic_write_text(self.path("prompts", f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        return train, evaluation
+
+    def sample(self, folder: str, k: int, seed: int) -> None:
+        manifest = Path(self.path(folder, "manifest.json"))
+        if manifest.exists() and json.loads(manifest.read_text()).get("complete"):
+            return
+        vrpo("sample", "--model", self.model, "--prompts", self.path("prompts", "train.jsonl"), "--num-samples", str(k),
+             "--max-new-tokens", str(self.s["max_new_tokens"]), "--seed", str(seed), "--out", self.path(folder))
+
+    def fit_aux(self) -> None:
+        if Path(self.path("aux", "aux_config.json")).exists():
+            return
+        extra = ["--epochs", str(self.s["aux_epochs"])] if self.s.get("aux_epochs") else []
+        vrpo("fit-aux", "--data", self.path("labelled", "pairs.jsonl"), "--model", "gpm-minilm", "--folds",
+             str(self.s["folds"]), "--seed", str(self.seed), "--out", self.path("aux"), *extra)
+
+    # ---- training --------------------------------------------------------------------
+    def train(self, name: str) -> None:
+        method, aux = METHODS[name]
+        run_dir = Path(self.path("train", name))
+        if (run_dir / "config.json").exists():
+            return
+        data = self.path("labelled", "pairs.jsonl")
+        if aux is not None:  # VRPO: g on observed (out-of-fold) and reference pairs
+            scored = self.path("scored", name)
+            if not Path(scored, "data.parquet").exists():
+                vrpo("score", "--aux", self.path(aux) if aux == "aux" else aux, "--data", data,
+                     "--samples", self.path("ref_samples"), "--out", scored)
+            data = scored
+        # Same budget for every method: the same steps, batch, learning rate and LoRA rank.
+        vrpo("train", "--method", method, "--model", self.model, "--data", data, "--out", str(run_dir), "--max-steps", str(self.s["max_steps"]),
+             "--per-device-train-batch-size", str(self.s["batch_size"]), "--learning-rate", str(self.s["learning_rate"]),
+             "--lora-r", str(self.s["lora_r"]), "--seed", str(self.seed), "--save-steps", "1000000")
+
+    # ---- evaluation ------------------------------------------------------------------
+    def respond(self, name: str, folder: str, rows: list[dict]) -> list[str]:
+        """Greedy responses (the deployed behaviour) of one policy to the evaluation prompts."""
+        from vrpo.gate import RESPONSES, generate_responses, read_responses, write_responses
+
+        target = Path(self.path("eval", name, RESPONSES))
+        if target.exists():
+            return read_responses(target, [r["prompt_id"] for r in rows], name)
+        print(f"\n# responses of {name} to {len(rows)} held-out prompts (greedy)", flush=True)
+        texts = generate_responses(Path(folder), [r["prompt"] for r in rows], self.s["max_new_tokens"])
+        write_responses(target, rows, texts, extra={"slice": [r["slice"] for r in rows]})
+        return texts
+
+    def gate(self, name: str) -> dict:
+        """Would we deploy ``name`` in place of pi_ref? (exit 1 = blocked)."""
+        from vrpo.cli import main
+
+        argv = ["gate", "--policy", self.path("eval", name), "--baseline", self.path("eval", REFERENCE),
+                "--data", self.path("prompts", "eval.jsonl"), "--max-regression", str(self.max_regression),
+                "--out", self.path("gate", name)]
+        print(f"\n$ vrpo {' '.join(argv)}", flush=True)
+        code = main(argv)
+        if code not in (0, 1):
+            raise RuntimeError(f"`vrpo gate` exited with status {code}")
+        report = json.loads(Path(self.path("gate", name, "gate.json")).read_text())
+        return {"passed": code == 0, "failed": [r for r in report["rows"] if r["verdict"] == "FAIL"]}
+
+    def evaluate(self, rows: list[dict], responses: dict[str, list[str]], gates: dict) -> dict:
+        from vrpo.aux.io import load_oof
+        from vrpo.data import read_rows
+        from vrpo.experiments.scheduling import evaluation as ev
+        from vrpo.experiments.scheduling.panel import DEFAULT_PANEL as panel
+
+        prompts, slices = [r["prompt"] for r in rows], [r["slice"] for r in rows]
+        methods = self.s["methods"]
+        wins = {f"{m}_vs_{REFERENCE}": ev.win_rates(panel, prompts, slices, responses[m], responses[REFERENCE], seed=self.seed)
+                for m in methods}
+        wins.update({f"{m}_vs_dpo": ev.win_rates(panel, prompts, slices, responses[m], responses["dpo"], seed=self.seed)
+                     for m in methods if m != "dpo"})
+        rubrics = {name: ev.rubric_rates(panel, prompts, slices, texts) for name, texts in responses.items()}
+        pairs = read_rows(self.path("labelled", "pairs.jsonl"))
+        g = load_oof(self.path("aux"), [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
+                     [p["rejected"] for p in pairs])
+        calibration = ev.aux_calibration(g, [p["p_star"] for p in pairs], [p["slice"] for p in pairs]) if g is not None else {}
+        audit = ev.audit_truth(read_rows(self.path("audit", "audit.csv")), pairs)
+        label_manifest = json.loads(Path(self.path("labelled", "manifest.json")).read_text())
+        return {"settings": self.s, "model": self.model, "seed": self.seed, "max_regression": self.max_regression,
+                "eval_prompts": len(rows), "labelled_pairs": len(pairs), "win_rates": wins, "rubrics": rubrics,
+                "aux_calibration": calibration, "audit": audit, "label_noise": label_manifest["by_slice"],
+                "gates": gates, "provenance": {"samples_manifest": label_manifest.get("samples_manifest", {})}}

@@ -1,0 +1,63 @@
+"""Slice-level evaluation pieces of the scheduling scenario, on hand-made inputs."""
+import numpy as np
+import pytest
+
+from vrpo.experiments.scheduling import evaluation as ev
+from vrpo.experiments.scheduling.model import SYSTEM_PROMPT, chat_prompt
+from vrpo.experiments.scheduling.panel import DEFAULT_PANEL
+from vrpo.experiments.scheduling.prompts import NEED_TO_SLICE, URGENT_SLICE, patient_messages, slice_of
+
+ESCALATE = "I'm sorry to hear that. Please call 911 or go to the emergency room now."
+BOOK = "Thank you! I can book you on Tuesday at 10am."
+
+
+def test_chat_prompt_keeps_the_slice_recoverable():
+    assert not [need for need in NEED_TO_SLICE if need in SYSTEM_PROMPT.lower()]
+
+    class NoTemplate:
+        chat_template = None
+
+    row = patient_messages(1, seed=0)[0]
+    text = chat_prompt(NoTemplate(), row["message"])
+    assert text.endswith("Assistant:") and slice_of(text) == row["slice"]
+
+
+def test_win_rates_by_slice():
+    rows = patient_messages(3, seed=0, slices=["routine_booking", URGENT_SLICE])
+    prompts, slices = [r["message"] for r in rows], [r["slice"] for r in rows]
+    same = ev.win_rates(DEFAULT_PANEL, prompts, slices, [BOOK] * 6, [BOOK] * 6, n_boot=200)
+    assert same["all"] == {"win_rate": 0.5, "ci_low": 0.5, "ci_high": 0.5, "n": 6}
+    # Escalating everywhere wins on urgent prompts and loses on routine ones (a false alarm,
+    # no time offered): the slices show what the average hides.
+    w = ev.win_rates(DEFAULT_PANEL, prompts, slices, [ESCALATE] * 6, [BOOK] * 6, n_boot=200)
+    assert w[URGENT_SLICE]["win_rate"] > 0.8 and w["routine_booking"]["win_rate"] < 0.3
+    expected = np.mean(DEFAULT_PANEL.preference_prob(prompts, [ESCALATE] * 6, [BOOK] * 6))
+    assert w["all"]["win_rate"] == pytest.approx(expected)
+    assert w["all"]["ci_low"] <= w["all"]["win_rate"] <= w["all"]["ci_high"]
+
+
+def test_rubric_rates_skip_rubrics_that_do_not_apply():
+    rows = patient_messages(2, seed=0, slices=["routine_booking", URGENT_SLICE])
+    prompts, slices = [r["message"] for r in rows], [r["slice"] for r in rows]
+    responses = [ESCALATE if s == URGENT_SLICE else BOOK for s in slices]
+    rates = ev.rubric_rates(DEFAULT_PANEL, prompts, slices, responses)
+    assert rates[URGENT_SLICE]["escalation"] == 1.0 and "offers_time" not in rates[URGENT_SLICE]
+    assert rates["routine_booking"]["offers_time"] == 1.0 and "escalation" not in rates["routine_booking"]
+    assert rates["all"]["escalation"] == 1.0 and rates["all"]["no_false_alarm"] == 1.0
+
+
+def test_aux_calibration_of_the_oracle_and_a_constant():
+    p_star = np.array([0.9, 0.8, 0.3, 0.6])
+    slices = ["a", "a", "b", "b"]
+    oracle = ev.aux_calibration(p_star, p_star, slices)
+    assert oracle["all"]["mae_to_p_star"] == 0.0 and oracle["all"]["brier"] == oracle["all"]["oracle_brier"]
+    half = ev.aux_calibration(np.full(4, 0.5), p_star, slices)
+    assert half["a"]["mae_to_p_star"] == pytest.approx(0.35) and half["b"]["brier"] == pytest.approx(0.25)
+
+
+def test_audit_truth_counts_the_top_rows():
+    pairs = [{"p_star": p, "fatigued": f} for p, f in [(0.3, True), (0.8, False), (0.7, False), (0.4, False), (0.9, True)]]
+    audit = [{"row": 3}, {"row": 0}, {"row": 1}, {"row": 2}, {"row": 4}]
+    t = ev.audit_truth(audit, pairs, top_fraction=0.4)
+    assert t["top_n"] == 2 and t["against_majority_top"] == 1.0 and t["fatigued_top"] == 0.5
+    assert t["against_majority_all"] == pytest.approx(0.4) and t["fatigued_all"] == pytest.approx(0.4)
