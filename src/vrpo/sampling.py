@@ -189,7 +189,9 @@ def sample_references(model_path: str, prompts_path: str, out: str, *, num_sampl
 
     if num_samples < 2:
         raise ValueError(f"--num-samples {num_samples}: VRPO needs at least 2 reference samples per prompt")
-    state = PartialState()
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes (gloo) when there is no GPU
     model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code=trust_remote_code)
     model.to(state.device)
     items = load_prompts(prompts_path, tokenizer, max_rows=max_prompts)
@@ -275,8 +277,12 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation,
         shard_size=args.shard_size, max_prompts=args.max_prompts, trust_remote_code=args.trust_remote_code)
+    import os
+
     from vrpo.provenance import read_manifest
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     m = read_manifest(Path(args.out))
     flag = "" if m["from_reference_policy"] else f"  WARNING: not samples of pi_ref ({m['not_reference_reason']})"
     print(f"wrote {path} ({m['num_prompts']} prompts x K={m['num_samples']}, {m['num_truncated']} truncated){flag}")

@@ -77,8 +77,10 @@ def training_arguments(cfg: VRPOConfig):
     from transformers import TrainingArguments
 
     extra = dict(cfg.training_args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        extra.setdefault("ddp_backend", "gloo")  # CPU processes (tests, laptops)
+    if not torch.cuda.is_available():
+        extra.setdefault("use_cpu", True)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            extra.setdefault("ddp_backend", "gloo")  # CPU processes (tests, laptops)
     return TrainingArguments(
         output_dir=cfg.out, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
