@@ -55,7 +55,8 @@ class SentenceEncoder:
         self.path = Path(path)
         if not (self.path / "config.json").exists():
             raise ValueError(f"backbone path {self.path}: no config.json; expected a transformers model folder")
-        hf_logging.set_verbosity_error()  # no weight-loading progress bars in the middle of ours
+        hf_logging.set_verbosity_error()  # no weight-loading messages or bars in the middle of ours
+        hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path).to(device).eval()
         self.device = device
