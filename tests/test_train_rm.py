@@ -220,3 +220,33 @@ def test_gradient_accumulation_matches_one_big_batch(setup, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     init = load_file(setup["model"] / "model.safetensors")
     assert any(not torch.equal(a[k], init[k]) for k in init if k in a)
+
+
+def test_samples_from_another_policy_are_refused_unless_allowed(setup, tmp_path, capsys):
+    """Reference samples drawn at T = 0.7 (not pi_ref): a one-line refusal; allowed, it is recorded."""
+    from vrpo.data import prompt_id_of
+    from vrpo.provenance import fingerprint_model, write_manifest
+
+    rows = _scored_rows()
+    data = tmp_path / "scored_no_refs.jsonl"  # the references come from --samples, joined by prompt_id
+    data.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "ref_samples"}) + "\n" for r in rows))
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = [{"prompt_id": prompt_id_of(r["prompt"]), "prompt": r["prompt"], "samples": r["ref_samples"],
+              "ref_logps": [-5.0, -6.0, -7.0]} for r in rows]
+    pq.write_table(pa.Table.from_pylist(table), samples / "samples.parquet")
+    write_manifest(samples, {"model_fingerprint": fingerprint_model(setup["model"]), "from_reference_policy": False,
+                             "not_reference_reason": "temperature 0.7"})
+    args = ["train-rm", "--method", "vrpo", "--model", str(setup["model"]), "--data", str(data), "--samples",
+            str(samples), "--ref-model", str(setup["model"]), "--max-steps", "1", "--per-device-train-batch-size", "2",
+            "--max-length", "64", "--max-prompt-length", "32"]
+    assert main(args + ["--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "temperature 0.7" in err[0] and "--allow-reference-mismatch" in err[0]
+    assert main(args + ["--out", str(tmp_path / "allowed"), "--allow-reference-mismatch"]) == 0
+    assert "temperature 0.7" in (tmp_path / "allowed" / "README.md").read_text()
+    prov = json.loads((tmp_path / "allowed" / "manifests" / "provenance.json").read_text())
+    assert prov["allowed_problems"] and prov["samples_manifest"]["from_reference_policy"] is False
