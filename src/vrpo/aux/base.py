@@ -2,7 +2,7 @@
 precomputed columns. ``resolve_aux(spec)`` turns a ``--aux SPEC`` string into a model."""
 from __future__ import annotations
 
-import importlib
+import importlib.util  # also binds `importlib`
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -147,8 +147,6 @@ def resolve_aux(spec: str) -> AuxModel:
         mod_name, fn_name = spec.rsplit(":", 1)
         try:
             if mod_name.endswith(".py"):
-                import importlib.util
-
                 s = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
                 if s is None or not Path(mod_name).exists():
                     raise FileNotFoundError(mod_name)
