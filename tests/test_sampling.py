@@ -52,7 +52,7 @@ def test_ref_logps_are_exact_under_the_reference_model(sampled):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir()).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir())
-    for row in read_samples(sampled)[:2]:
+    for row in read_samples(sampled)[:1]:
         p_ids, c_ids = tokenize_completions(tok, row["prompt"], row["samples"], max_length=512, max_prompt_length=256)
         for ids, stored in zip(c_ids, row["ref_logps"]):
             assert stored == pytest.approx(_loop_logp(model, p_ids, ids), abs=1e-4)
