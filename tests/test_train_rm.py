@@ -184,7 +184,6 @@ def test_two_stage_experiment_api(setup, tmp_path):
     spec = TwoStageSpec(seeds=(0, 1), rl_seeds=(0,),
                         reward_model=dict(max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
                                           max_length=64, max_prompt_length=32, logging_steps=1),
-                        method_overrides={"vrpo": {"base_loss": "ramp"}},
                         rl=dict(max_steps=1, num_generations=2, batch_size=4, max_completion_length=4))
     kw = dict(base_model=str(setup["model"]), out=tmp_path / "two", data_for_seed=lambda s: str(setup["scored"]),
               eval_pairs=pairs, rl_prompts=str(prompts), evaluate_policy=evaluate_policy,

@@ -1,6 +1,6 @@
 """Two-stage VRPO as an experiment: reward models (bt vs vrpo) over seeds, then policies on them.
 
-For each method m in ``spec.methods`` and seed s in ``spec.seeds``:
+For each row (a reward-model method and its settings, ``spec.rows``) and seed s in ``spec.seeds``:
 
 1. fit a reward model on that seed's preference file (:func:`train_reward_model`);
 2. measure it on held-out pairs against the true preference: accuracy, and the margins
@@ -11,7 +11,7 @@ For each method m in ``spec.methods`` and seed s in ``spec.seeds``:
    highest and report the caller's gold score of it.
 
 Experiment-agnostic: the caller supplies data files, evaluation pairs and scoring
-callbacks. Each finished (method, seed) leaves ``OUT/<method>/seed<s>/result.json``
+callbacks. Each finished (row, seed) leaves ``OUT/<row>/seed<s>/result.json``
 (atomic, written last); a rerun reuses it, so an interrupted experiment resumes.
 """
 from __future__ import annotations
@@ -24,12 +24,23 @@ from typing import Callable, Optional, Sequence
 __all__ = ["TwoStageSpec", "EvalPairs", "run_two_stage", "summarize_two_stage"]
 
 
+def _default_rows() -> dict:
+    # the paper code's reward trainer uses the bounded ramp loss for VRPO (see vrpo.losses on why)
+    return {"bt": {"method": "bt"}, "vrpo": {"method": "vrpo", "base_loss": "ramp"}}
+
+
 @dataclass
 class TwoStageSpec:
-    methods: tuple = ("bt", "vrpo")
+    """Which reward models to compare and how to train them.
+
+    ``rows``: row name -> RewardModelConfig fields of that row (at least ``method``), e.g.
+    ``{"bt": {"method": "bt"}, "bt-ramp": {"method": "bt", "base_loss": "ramp"},
+    "vrpo": {"method": "vrpo", "base_loss": "ramp"}}``; ``reward_model``: fields every row shares.
+    """
+
+    rows: dict = field(default_factory=_default_rows)
     seeds: tuple = (0, 1, 2)
-    reward_model: dict = field(default_factory=dict)  # RewardModelConfig fields shared by every method
-    method_overrides: dict = field(default_factory=dict)  # e.g. {"vrpo": {"base_loss": "ramp"}}
+    reward_model: dict = field(default_factory=dict)
     rl: Optional[dict] = None  # RLConfig fields; None skips the policy stage (its costly part)
     rl_seeds: Optional[tuple] = None  # seeds that get a policy (default: all of ``seeds``)
 
@@ -44,19 +55,20 @@ class EvalPairs:
     true_prob: Optional[Sequence[float]] = None
 
 
-def _one_seed(spec: TwoStageSpec, method: str, seed: int, *, base_model: str, folder: Path, data_file: str,
+def _one_seed(spec: TwoStageSpec, row: str, seed: int, *, base_model: str, folder: Path, data_file: str,
               eval_pairs: EvalPairs, rl_prompts: Optional[str], evaluate_policy, best_of_n_candidates, gold_score,
               samples: Optional[str]) -> dict:
     from vrpo.policy_stage import RLConfig, RewardModelScorer, best_of_n, run_rl
     from vrpo.train.reward_model import RewardModelConfig, pair_margins, reward_accuracy, train_reward_model
 
-    settings = {**spec.reward_model, **spec.method_overrides.get(method, {})}
+    settings = {**spec.reward_model, **spec.rows[row]}
     rm_cfg = RewardModelConfig(model=base_model, data=str(data_file), out=str(folder / "reward_model"),
-                               method=method, seed=seed, samples=samples, **settings)
+                               seed=seed, samples=samples, **settings)
     rm_dir = train_reward_model(rm_cfg, resume=True)
     scorer = RewardModelScorer.from_pretrained(rm_dir)
     z = pair_margins(scorer, eval_pairs.prompts, eval_pairs.chosen, eval_pairs.rejected)
-    result = {"method": method, "seed": seed, "reward_model": str(rm_dir), "margins": z.tolist(),
+    result = {"row": row, "method": rm_cfg.method, "base_loss": rm_cfg.base_loss, "seed": seed,
+              "reward_model": str(rm_dir), "margins": z.tolist(),
               "rm_accuracy": reward_accuracy(z, eval_pairs.true_prob)}
     if best_of_n_candidates is not None and gold_score is not None:
         prompts, candidates = best_of_n_candidates
@@ -78,7 +90,7 @@ def run_two_stage(spec: TwoStageSpec, *, base_model: str, out: str | Path, data_
                   best_of_n_candidates: Optional[tuple[Sequence[str], Sequence[Sequence[str]]]] = None,
                   gold_score: Optional[Callable[[list, list], Sequence[float]]] = None,
                   samples_for_seed: Optional[Callable[[int], Optional[str]]] = None, progress: bool = True) -> dict:
-    """Run every (method, seed); return ``{method: {"seeds": {seed: result}, **summary}}``.
+    """Run every (row, seed); return ``{row: {"seeds": {seed: result}, **summary}}``.
 
     ``data_for_seed(seed)``: that seed's preference file (for vrpo: scored data with
     aux_prob, ref_samples, ref_aux_prob). ``evaluate_policy(policy_dir, seed) -> dict``: the
@@ -90,22 +102,22 @@ def run_two_stage(spec: TwoStageSpec, *, base_model: str, out: str | Path, data_
     from vrpo.provenance import atomic_write_json
 
     out = Path(out)
-    results: dict = {m: {"seeds": {}} for m in spec.methods}
-    jobs = [(m, s) for s in spec.seeds for m in spec.methods]
-    for method, seed in tqdm(jobs, desc="two-stage: reward model (+ policy)", unit="run", disable=not progress):
-        folder = out / method / f"seed{seed}"
+    results: dict = {row: {"seeds": {}} for row in spec.rows}
+    jobs = [(row, s) for s in spec.seeds for row in spec.rows]
+    for row, seed in tqdm(jobs, desc="two-stage: reward model (+ policy)", unit="run", disable=not progress):
+        folder = out / row / f"seed{seed}"
         done = folder / "result.json"
         if done.exists():
-            results[method]["seeds"][seed] = json.loads(done.read_text())
+            results[row]["seeds"][seed] = json.loads(done.read_text())
             continue
-        res = _one_seed(spec, method, seed, base_model=base_model, folder=folder, data_file=data_for_seed(seed),
+        res = _one_seed(spec, row, seed, base_model=base_model, folder=folder, data_file=data_for_seed(seed),
                         eval_pairs=eval_pairs, rl_prompts=rl_prompts, evaluate_policy=evaluate_policy,
                         best_of_n_candidates=best_of_n_candidates, gold_score=gold_score,
                         samples=samples_for_seed(seed) if samples_for_seed else None)
         atomic_write_json(done, res)
-        results[method]["seeds"][seed] = res
-    for method in spec.methods:
-        results[method].update(summarize_two_stage(results[method]["seeds"]))
+        results[row]["seeds"][seed] = res
+    for row in spec.rows:
+        results[row].update(summarize_two_stage(results[row]["seeds"]))
     return results
 
 
