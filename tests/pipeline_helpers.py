@@ -35,3 +35,21 @@ def write_pairs(path: Path, n: int = 6, aux: bool = True) -> Path:
         rows.append(row)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def write_scored(path: Path, n: int = 6, k: int = 3) -> Path:
+    """Preference rows that already carry K reference samples and their g (as `vrpo score`
+    writes them, minus ref_logps, which training then computes with the reference model)."""
+    import math
+
+    rows = []
+    extra = [" great fun.", " dull.", " a story.", " loved it.", " bad acting."]
+    for i in range(n):
+        p, c, r = PAIRS[i % len(PAIRS)]
+        samples = [extra[(i + j) % len(extra)] for j in range(k)]
+        g = [[0.5 if a == b else 1 / (1 + math.exp(-(len(samples[a]) - len(samples[b])) / 4)) for b in range(k)]
+             for a in range(k)]
+        rows.append({"prompt": p if i < len(PAIRS) else f"{p} ({i})", "chosen": c, "rejected": r,
+                     "aux_prob": 0.6 + 0.05 * (i % 5), "ref_samples": samples, "ref_aux_prob": g})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -46,7 +46,8 @@ def default_num_ref_samples(rows: Sequence[dict], source: str) -> int:
     counts = [len(r.get("ref_samples") or []) for r in rows]
     k = min(counts) if counts else 0
     if k < 2:
-        raise ValueError(f"{source}: row {counts.index(k)} has {k} reference samples; VRPO needs at least 2 per prompt")
+        raise ValueError(f"{source}: row {counts.index(k)} has {k} reference samples; VRPO needs at least 2 per prompt "
+                         "(draw them with `vrpo sample` and pass --samples, or train on a `vrpo score` folder)")
     return k
 
 
