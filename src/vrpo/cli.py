@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("vrpo.audit", "rank labelled pairs by how strongly g disagrees with the label (noisy or disputed), by slice"),
     "gate": ("vrpo.gate", "deployment gate: fail when any slice's rubric pass rate or win rate regresses vs a baseline"),
     "label": ("vrpo.label", "label pairs of reference samples with a simulated reviewer panel (p* kept for evaluation)"),
+    "diagnose": ("vrpo.diagnostics", "estimate the share of loss-gradient variance VRPO can remove for each K (label noise vs pair)"),
 }
 
 
