@@ -125,3 +125,21 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
                         num_generations=3, batch_size=4))
     with pytest.raises(ValueError, match=r"samples.parquet not found"):
         load_samples(tmp_path)
+
+
+def test_conversations_are_scored_as_vrpo_data_renders_them(tiny, tmp_path):
+    """TRL hands conversational prompts/completions as message lists: the scorer renders them
+    with the chat template exactly as vrpo.data renders a conversational preference row."""
+    from vrpo.data import load_preferences
+
+    model, tok = load_reward_model(tiny["rm"])
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    prompt = [{"role": "user", "content": "The movie was"}]
+    completion = [{"role": "assistant", "content": " wonderful"}]
+    f = tmp_path / "conv.jsonl"
+    f.write_text(json.dumps({"prompt": prompt, "chosen": completion, "rejected": completion}) + "\n")
+    row = load_preferences(f, tok)[0]
+    scorer = RewardModelScorer(model, tok)
+    assert torch.allclose(scorer.score([prompt], [completion]), scorer.score([row["prompt"]], [row["chosen"]]))
+    assert row["prompt"] == "<user>The movie was<assistant>" and row["chosen"] == " wonderful"

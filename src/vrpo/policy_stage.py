@@ -99,9 +99,14 @@ def reward_inputs(tokenizer, prompts: Sequence[str], completions: Sequence[str],
     settings = tokenisation or {"max_length": 512, "max_prompt_length": 256, "prompt_truncation": "left"}
     pairs = []
     for i, (x, y) in enumerate(zip(prompts, completions)):
+        if isinstance(x, list):  # a conversation (TRL passes message lists): render it as vrpo.data does
+            from vrpo.data import _render_chat
+
+            row = _render_chat({"prompt": x, "chosen": y, "rejected": y}, tokenizer, "reward inputs", i)
+            x, y = row["prompt"], row["chosen"]
         if not isinstance(x, str) or not isinstance(y, str):
             raise ValueError(f"reward inputs: pair {i} is not text; expected prompt and completion strings "
-                             "(render conversations with the chat template first)")
+                             "or message lists")
         prompt_ids, (completion_ids,) = tokenize_completions(tokenizer, x, [y], where=f"pair {i}", **settings)
         pairs.append((prompt_ids, completion_ids))
     batch = sequence_batch([p for p, _ in pairs], [c for _, c in pairs], tokenizer.pad_token_id)
