@@ -183,8 +183,8 @@ class NeuralPreferenceModel(AuxModel):
 
     def __init__(self, backbone: str = "minilm", *, hidden: int = 256, epochs: int = 30, batch_size: int = 64,
                  lr: float = 1e-3, backbone_lr: float = 2e-5, weight_decay: float = 1e-4, table_dim: int = 32,
-                 backbone_path: str | None = None, device: str = "cpu", random_state: int | None = 0,
-                 progress: bool = False):
+                 validation_fraction: float = 0.15, backbone_path: str | None = None, device: str = "cpu",
+                 random_state: int | None = 0, progress: bool = False):
         self.backbone = backbone
         self.hidden = hidden
         self.epochs = epochs
@@ -193,6 +193,7 @@ class NeuralPreferenceModel(AuxModel):
         self.backbone_lr = backbone_lr
         self.weight_decay = weight_decay
         self.table_dim = table_dim
+        self.validation_fraction = validation_fraction
         self.backbone_path = backbone_path
         self.device = device
         self.random_state = random_state
@@ -201,7 +202,7 @@ class NeuralPreferenceModel(AuxModel):
     # -- parameters and construction ---------------------------------------------------
     def get_params(self) -> dict:
         return {k: getattr(self, k) for k in ("backbone", "hidden", "epochs", "batch_size", "lr", "backbone_lr",
-                                              "weight_decay", "table_dim", "backbone_path", "device",
+                                              "weight_decay", "table_dim", "validation_fraction", "backbone_path", "device",
                                               "random_state", "progress")}
 
     def _build(self, table_keys=None):
@@ -243,31 +244,62 @@ class NeuralPreferenceModel(AuxModel):
             groups.append({"params": list(self.backbone_.parameters()), "lr": lr})
         return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
 
+    def _split(self, n: int):
+        """Shuffled (train, validation) pair indices; no validation below 20 pairs."""
+        import torch
+
+        if not 0.0 <= self.validation_fraction < 0.5:
+            raise ValueError(f"validation_fraction: {self.validation_fraction}; expected a share in [0, 0.5)")
+        gen = torch.Generator().manual_seed(0 if self.random_state is None else int(self.random_state) + 1)
+        perm = torch.randperm(n, generator=gen)
+        n_val = int(round(self.validation_fraction * n)) if n >= 20 else 0
+        return perm[n_val:], perm[:n_val]
+
+    def _trainable_state(self) -> dict:
+        state = {f"head.{k}": v.detach().clone() for k, v in self.head_.state_dict().items()}
+        state.update({f"backbone.{k}": v.detach().clone() for k, v in self.backbone_.state_dict().items()})
+        return state
+
+    def _restore(self, state: dict) -> None:
+        self.head_.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        self.backbone_.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
+
     def _train(self, items, ia, ib, y, w, frozen):
+        """Minibatch AdamW on the weighted soft-label cross-entropy. Early stopping: with a
+        validation share, the epoch with the lowest validation log-loss is kept (a small
+        training set otherwise ends over-confident, i.e. a badly calibrated g)."""
         import torch
         import torch.nn.functional as F
         from tqdm.auto import tqdm
 
         opt = self._optimizer()
         gen = torch.Generator().manual_seed(0 if self.random_state is None else int(self.random_state))
-        n = len(y)
-        total = self.epochs * -(-n // self.batch_size)
-        # linear decay to 0: the last steps average out Adam's oscillation, which otherwise
-        # leaves small-data fits over-confident (badly calibrated g)
+        train, val = self._split(len(y))
+        total = self.epochs * -(-len(train) // self.batch_size)
+        # linear decay to 0: the last steps average out Adam's oscillation
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / max(total, 1)))
-        self.head_.train(), self.backbone_.train()
+        bce = lambda logits, idx: (F.binary_cross_entropy_with_logits(  # noqa: E731
+            logits, y[idx], reduction="none") * w[idx]).sum() / w[idx].sum()
+        self.best_epoch_, self.validation_loss_, best = self.epochs, None, None
         steps = tqdm(range(self.epochs), desc=f"fit {self.kind}-{self.backbone}", unit="epoch",
                      disable=not self.progress)
-        for _ in steps:
-            for batch in torch.randperm(n, generator=gen).split(self.batch_size):
-                a, b = ia[batch.numpy()], ib[batch.numpy()]
-                logits = self._logits_from_indices(items, a, b, frozen)
-                loss = (F.binary_cross_entropy_with_logits(logits, y[batch], reduction="none") * w[batch]).mean()
+        for epoch in steps:
+            self.head_.train(), self.backbone_.train()
+            for batch in train[torch.randperm(len(train), generator=gen)].split(self.batch_size):
+                loss = bce(self._logits_from_indices(items, ia[batch.numpy()], ib[batch.numpy()], frozen), batch)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 schedule.step()
-            steps.set_postfix(loss=float(loss.detach()))
+            if len(val):
+                self.head_.eval(), self.backbone_.train(False)
+                with torch.no_grad():
+                    val_loss = float(bce(self._logits_from_indices(items, ia[val.numpy()], ib[val.numpy()], frozen), val))
+                if self.validation_loss_ is None or val_loss < self.validation_loss_:
+                    self.best_epoch_, self.validation_loss_, best = epoch + 1, val_loss, self._trainable_state()
+                steps.set_postfix(loss=float(loss.detach()), val_loss=val_loss)
+        if best is not None:
+            self._restore(best)
         self.head_.eval(), self.backbone_.train(False)
 
     def _logits_from_indices(self, items, a, b, frozen):
