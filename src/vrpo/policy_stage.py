@@ -286,7 +286,8 @@ def run_rl(cfg: RLConfig, *, resume: bool = False) -> Path:
     """
     from transformers import AutoTokenizer
 
-    from vrpo.train.reward_run import MetricsJsonl, last_checkpoint
+    from vrpo.train.reward_run import resume_point
+    from vrpo.train.trainer import MetricsJsonlCallback
 
     if cfg.engine not in RL_ENGINES:
         raise ValueError(f"--engine: unknown engine {cfg.engine!r}; expected one of {sorted(RL_ENGINES)}")
@@ -297,7 +298,6 @@ def run_rl(cfg: RLConfig, *, resume: bool = False) -> Path:
     scorer = RewardModelScorer.from_pretrained(cfg.reward_model, batch_size=cfg.reward_batch_size,
                                                trust_remote_code=cfg.trust_remote_code)
     out = Path(cfg.out)
-    _write_run_header(out, asdict(cfg))
     trainer_cls, config_cls = RL_ENGINES[cfg.engine]()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, padding_side="left", trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
@@ -305,14 +305,17 @@ def run_rl(cfg: RLConfig, *, resume: bool = False) -> Path:
     prompts = load_prompts(cfg.prompts, tokenizer)
     engine_cfg = _engine_config(cfg, config_cls, out / "checkpoints")
     engine_cfg.model_init_kwargs = {"use_safetensors": True}
+    main = engine_cfg.process_index == 0  # under `accelerate launch`, one process writes the run record
+    if main:
+        _write_run_header(out, asdict(cfg))
     trainer = trainer_cls(model=str(cfg.model), reward_funcs=scorer, args=engine_cfg, train_dataset=prompts,
-                          processing_class=tokenizer, callbacks=[MetricsJsonl(out / "metrics.jsonl")])
-    last = last_checkpoint(out / "checkpoints") if resume else None
-    MetricsJsonl.truncate_after(out / "metrics.jsonl", last)
+                          processing_class=tokenizer, callbacks=[MetricsJsonlCallback(out / "metrics.jsonl")])
+    last = resume_point(out / "checkpoints", resume, out / "metrics.jsonl", main_process=main)
     trainer.train(resume_from_checkpoint=str(last) if last else None)
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(out)
-    _write_model_card(out, cfg)
+    trainer.save_model(str(out))  # safetensors; only the main process writes
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out)
+        _write_model_card(out, cfg)
     return out
 
 

@@ -265,7 +265,8 @@ def train_reward_model(cfg: RewardModelConfig, *, resume: bool = False) -> Path:
 
     from vrpo.provenance import atomic_write_json, atomic_write_text, fingerprint_data, package_versions
     from vrpo.train.collator import PreferenceCollator
-    from vrpo.train.reward_run import MetricsJsonl, last_checkpoint, reward_model_card
+    from vrpo.train.reward_run import resume_point, reward_model_card
+    from vrpo.train.trainer import MetricsJsonlCallback
 
     cfg.validate()
     out = Path(cfg.out)
@@ -275,24 +276,26 @@ def train_reward_model(cfg: RewardModelConfig, *, resume: bool = False) -> Path:
     provenance = _check_provenance(cfg, data_manifest)
     model, _ = _build_model(cfg, tokenizer)
     provenance["data_fingerprint"] = fingerprint_data(data_path)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump({**asdict(cfg), "stage": "reward_model",
-                                                           "num_ref_samples": k}, sort_keys=False))
-    atomic_write_json(out / "versions.json", package_versions())
-    atomic_write_json(out / "manifests" / "provenance.json", provenance)
-
     args = _training_arguments(cfg, out / "checkpoints")
+    main = args.process_index == 0  # under `accelerate launch`, one process writes the run record
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump({**asdict(cfg), "stage": "reward_model",
+                                                               "num_ref_samples": k}, sort_keys=False))
+        atomic_write_json(out / "versions.json", package_versions())
+        atomic_write_json(out / "manifests" / "provenance.json", provenance)
+
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=features, processing_class=tokenizer,
         data_collator=PreferenceCollator(tokenizer.pad_token_id, with_reference=k is not None),
-        callbacks=[MetricsJsonl(out / "metrics.jsonl")], rm_config=cfg, num_ref_samples=k,
+        callbacks=[MetricsJsonlCallback(out / "metrics.jsonl")], rm_config=cfg, num_ref_samples=k,
     )
-    ckpt = last_checkpoint(out / "checkpoints") if resume else None
-    MetricsJsonl.truncate_after(out / "metrics.jsonl", ckpt)
+    ckpt = resume_point(out / "checkpoints", resume, out / "metrics.jsonl", main_process=main)
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(out)
-    atomic_write_text(out / "README.md", reward_model_card(cfg, k, provenance))
+    trainer.save_model(str(out))  # safetensors; only the main process writes
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out)
+        atomic_write_text(out / "README.md", reward_model_card(cfg, k, provenance))
     return out
 
 

@@ -1,5 +1,6 @@
 """Run-folder pieces shared by the two stages of two-stage VRPO (``vrpo train-rm``, ``vrpo rl``):
-metrics.jsonl logging that survives resumption, the last checkpoint, model cards."""
+where to resume, the reward model's card. Metrics logging is ``vrpo train``'s
+(``vrpo.train.trainer.MetricsJsonlCallback``)."""
 from __future__ import annotations
 
 import json
@@ -7,36 +8,16 @@ from pathlib import Path
 from typing import Any
 
 
-def _callback_base():
-    from transformers import TrainerCallback
+def resume_point(folder: str | Path, resume: bool, metrics: str | Path, *, main_process: bool = True):
+    """The checkpoint to resume from (or None). The main process also cuts ``metrics.jsonl``
+    back to it, so a resumed run's metrics read like an uninterrupted run's
+    (``vrpo.train.trainer.truncate_metrics``)."""
+    from vrpo.train.trainer import truncate_metrics
 
-    return TrainerCallback
-
-
-class MetricsJsonl(_callback_base()):
-    """Appends every log line of a Trainer (ours or TRL's) to ``metrics.jsonl``, one JSON object per line."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
-
-    @staticmethod
-    def truncate_after(path: str | Path, checkpoint: Path | None) -> None:
-        """Before resuming from ``checkpoint``, drop lines logged after it (they will be logged
-        again), so a resumed run's metrics.jsonl reads like an uninterrupted one."""
-        path = Path(path)
-        if not path.is_file():
-            return
-        step = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        from vrpo.provenance import atomic_write_text
-
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    ckpt = last_checkpoint(folder) if resume else None
+    if main_process:
+        truncate_metrics(metrics, int(ckpt.name.rsplit("-", 1)[1]) if ckpt else 0)
+    return ckpt
 
 
 def last_checkpoint(folder: str | Path) -> Path | None:
