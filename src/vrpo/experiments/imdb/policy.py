@@ -33,11 +33,11 @@ class PolicyConfig:
     n_embd: int = 128
     n_layer: int = 2
     n_head: int = 4
-    seq_len: int = 64  # pre-training window: the first seq_len tokens of a review
+    seq_len: int = 48  # pre-training window: the first seq_len tokens of a review (prompt 8 + response 24 fit)
     tokenizer_reviews: int = 4000  # reviews the BPE is trained on (from the pretrain split)
     pretrain_tokens: int = 300_000  # token budget of pre-training (one pass, no repeats if possible)
-    batch_size: int = 32
-    lr: float = 2e-3
+    batch_size: int = 16  # small batches: more steps for the same tokens (the budget binds, not noise)
+    lr: float = 3e-3
     seed: int = 0
 
 

@@ -1,0 +1,191 @@
+"""The IMDb experiment's parts: data splits, gold reward, simulated reviewers, methods table,
+report, and (slow) a micro end-to-end ``reproduce imdb`` run."""
+import json
+
+import numpy as np
+import pytest
+
+from vrpo.experiments.imdb import data, methods, presets, report, reviewers
+
+
+@pytest.fixture(scope="module")
+def reviews():
+    return data.load_reviews()
+
+
+def test_clean_review_removes_html_breaks():
+    assert data.clean_review("Great.<br /><br />Really  <BR>good. ") == "Great. Really good."
+
+
+def test_reviews_are_distinct_and_balanced(reviews):
+    texts = [r.text for r in reviews]
+    assert len(set(texts)) == len(texts) > 24_000  # 25,000 minus duplicated texts
+    assert 0.45 < np.mean([r.label for r in reviews]) < 0.55
+
+
+def test_splits_are_disjoint_and_sized(reviews):
+    sizes = presets.PRESETS["quick"].split_sizes
+    splits = data.split_reviews(reviews, sizes, seed=0)
+    assert {k: len(v) for k, v in splits.items()} == {k: sizes[k] for k in data.SPLITS}
+    seen = set()
+    for name in data.SPLITS:
+        texts = {r.text for r in splits[name]}
+        assert not texts & seen, f"{name} shares reviews with an earlier split"
+        seen |= texts
+    again = data.split_reviews(reviews, sizes, seed=0)
+    assert [r.text for r in again["eval"]] == [r.text for r in splits["eval"]]  # seeded
+
+
+def test_split_errors_are_one_line(reviews):
+    with pytest.raises(ValueError, match="only .* distinct IMDb reviews"):
+        data.split_reviews(reviews, {"gold": 30_000})
+    with pytest.raises(ValueError, match="unknown split"):
+        data.split_reviews(reviews, {"train": 10})
+
+
+@pytest.fixture(scope="module")
+def gold(reviews):
+    from vrpo.experiments.imdb.gold import GoldReward
+
+    splits = data.split_reviews(reviews, {"gold": 4_000, "eval": 1_000}, seed=0)
+    model = GoldReward().fit([r.text for r in splits["gold"]], [r.label for r in splits["gold"]])
+    return model, splits["eval"]
+
+
+def test_gold_reward_is_accurate_on_held_out_reviews(gold):
+    model, held = gold
+    acc = model.accuracy([r.text for r in held], [r.label for r in held])
+    assert acc > 0.83  # 4k training reviews; the experiment's 10k give ~0.87
+    s = model.score(["A wonderful, moving film. Brilliant acting.", "Awful. The worst, most boring movie ever."])
+    assert 0 <= s[1] < 0.5 < s[0] <= 1
+
+
+def test_reviewer_mixture_is_not_bradley_terry():
+    # Bradley-Terry: logit P(a>c) = logit P(a>b) + logit P(b>c) for every triple. Known items
+    # (gold score s, word count n): a positive and long, b neutral, c negative and short.
+    s = {"a": 0.9, "b": 0.45, "c": 0.1}
+    n = {"a": 30, "b": 18, "c": 10}
+
+    def p(x, y):
+        return float(reviewers.mixture_preference(s[x], s[y], n[x], n[y]))
+
+    def logit(q):
+        return np.log(q / (1 - q))
+
+    gap = logit(p("a", "c")) - (logit(p("a", "b")) + logit(p("b", "c")))
+    assert abs(gap) > 1.0, gap
+    # each group alone IS Bradley-Terry in its own utility (so the gap comes from mixing)
+    for name, group in reviewers.GROUPS.items():
+        if name == "skimmer":
+            continue  # thresholded: P in {0.05, 0.5, 0.95}, BT in 1[s > 1/2] with a fixed scale
+        q = lambda x, y: float(group(s[x], s[y], n[x], n[y]))  # noqa: E731
+        assert logit(q("a", "c")) == pytest.approx(logit(q("a", "b")) + logit(q("b", "c")), abs=1e-9)
+
+
+def test_reviewer_groups_hand_values_and_antisymmetry():
+    assert reviewers.skimmer(0.8, 0.2, 0, 0) == pytest.approx(0.95)
+    assert reviewers.skimmer(0.8, 0.7, 0, 0) == pytest.approx(0.5)
+    assert reviewers.wordy(0, 0, 12, 10) == pytest.approx(1 / (1 + np.exp(-1.0)))
+    rng = np.random.default_rng(0)
+    sa, sb, na, nb = rng.random(50), rng.random(50), rng.integers(5, 30, 50), rng.integers(5, 30, 50)
+    total = reviewers.mixture_preference(sa, sb, na, nb) + reviewers.mixture_preference(sb, sa, nb, na)
+    assert np.allclose(total, 1.0)
+
+
+def test_reviewers_labels_follow_p_star_and_aux_models(gold):
+    model, _ = gold
+    panel = reviewers.SimulatedReviewers(model)
+    x = ["This film"] * 2
+    a, b = [" was a wonderful, brilliant movie", " is great"], [" was awful and boring, a waste of time", " is bad"]
+    p_star = panel.preference(x, a, b)
+    assert (p_star > 0.5).all()
+    reps = 2000  # one call labelling each pair 2000 times: frequencies match p* within ~3 se
+    labels = panel.label(x * reps, a * reps, b * reps, np.random.default_rng(0)).reshape(reps, 2).mean(0)
+    assert np.allclose(labels, p_star, atol=0.04)
+    oracle = reviewers.OracleAux(panel)
+    assert np.allclose(oracle.predict_proba(x, a, b), p_star)
+    judge = reviewers.WordCountJudge()
+    g = judge.predict_proba(x, a, b)
+    assert np.allclose(g + judge.predict_proba(x, b, a), 1.0)
+    assert g[0] < 0.5  # the misspecified judge prefers the longer, negative response
+    with pytest.raises(ValueError, match="summing to 1"):
+        reviewers.SimulatedReviewers(model, {"careful": 0.5})
+
+
+def test_methods_table_is_consistent_with_the_trainer():
+    from vrpo.losses import BASE_LOSSES
+    from vrpo.train.methods import METHODS as TRAIN_METHODS
+
+    for spec in methods.METHODS.values():
+        assert spec.method is None or spec.method in TRAIN_METHODS
+        assert spec.base_loss in BASE_LOSSES
+        if spec.method == "vrpo":
+            assert spec.aux in methods.AUX_KINDS and spec.reference in methods.REFERENCE_KINDS
+            assert spec.num_ref_samples >= 2
+    assert set(report.PAPER_IMDB) == {s.paper_row for s in methods.METHODS.values() if s.paper_row}
+    for preset in presets.PRESETS.values():
+        methods.get_methods(preset.methods + preset.frontier_methods)
+        assert preset.num_train_pairs <= preset.num_pool_prompts
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        methods.get_methods(["nope"])
+
+
+def test_shape_checks_on_hand_made_table():
+    table = {m: {"avg": {"mean": v}} for m, v in {
+        "dpo": 0.6, "vrpo-ramp-k4-correct-oracle": 0.8, "vrpo-ramp-k4-correct-fitted": 0.75,
+        "vrpo-ramp-k4-correct-misspecified": 0.7, "vrpo-ramp-k4-misspecified-oracle": 0.65}.items()}
+    comp = {f"{methods.HEADLINE} vs dpo": {"0.0": {"diff_ci": [0.01, 0.1]}, "1.0": {"diff_ci": [-0.01, 0.1]}}}
+    shape = report.shape_checks(table, comp, ["0.0", "1.0"])
+    assert shape == {"vrpo_oracle_above_dpo_every_temperature_ci_excludes_zero": False,
+                     "oracle_ge_fitted_ge_misspecified": True, "smaller_gain_with_misspecified_pi_ref": True}
+
+
+def test_cli_arguments_are_validated():
+    import argparse
+
+    from vrpo.experiments import imdb
+
+    parser = argparse.ArgumentParser()
+    imdb.add_arguments(parser)
+    with pytest.raises(ValueError, match="--preset huge"):
+        imdb._preset_from_args(parser.parse_args(["--preset", "huge"]))
+    with pytest.raises(ValueError, match="unknown method"):
+        imdb._preset_from_args(parser.parse_args(["--methods", "dpo,nope"]))
+    with pytest.raises(ValueError, match="--seeds 0"):
+        imdb._preset_from_args(parser.parse_args(["--seeds", "0"]))
+    assert imdb._preset_from_args(parser.parse_args(["--seeds", "2", "--methods", "sft,dpo"])).seeds == (0, 1)
+
+
+@pytest.mark.slow
+def test_micro_reproduce_end_to_end_and_resume(tmp_path, monkeypatch):
+    import argparse
+
+    from vrpo.experiments import imdb
+
+    monkeypatch.setenv("VRPO_CACHE", str(tmp_path / "cache"))
+    parser = argparse.ArgumentParser()
+    imdb.add_arguments(parser)
+    out = tmp_path / "imdb"
+    args = parser.parse_args(["--preset", "micro", "--out", str(out), "--no-progress"])
+    assert imdb.run(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    micro = presets.PRESETS["micro"]
+    assert set(res["results"]) == set(micro.methods)
+    table = res["summary"]["table"]
+    for m in micro.methods:
+        for t in micro.temperatures:
+            assert 0.0 <= table[m][str(float(t))]["mean"] <= 1.0
+        assert len(res["results"][m]) == len(micro.seeds)
+    assert table["sft"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    # the misspecified-pi_ref row trained on tempered samples: recorded, not hidden
+    mis = res["results"]["vrpo-ramp-k4-misspecified-misspecified"]
+    assert any("temperature 0.7" in msg for msg in mis["0"]["allowed_mismatches"])
+    md = (out / "results.md").read_text()
+    assert "| DPO (sigmoid) |" in md and "vrpo reproduce imdb --preset micro" in md
+    assert (out / "score_vs_temperature.png").stat().st_size > 0 and (out / "score_vs_kl.png").exists()
+    assert (out / "runs" / "dpo" / "seed0" / "model" / "config.yaml").exists()  # vrpo.train's run record
+    # a rerun reuses every finished (method, seed)
+    done = out / "runs" / "dpo" / "seed1" / "result.json"
+    stamp = done.stat().st_mtime_ns
+    assert imdb.run(args) == 0
+    assert done.stat().st_mtime_ns == stamp
