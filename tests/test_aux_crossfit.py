@@ -59,6 +59,8 @@ def test_folds_are_balanced_and_grouped_by_prompt():
         assert len(set(g[3 * k:3 * k + 3])) == 1
     with pytest.raises(ValueError, match="folds: 1; expected at least 2"):
         fold_ids(10, 1)
+    with pytest.raises(ValueError, match="5 folds but only 1 distinct prompts.*--fold-by pair"):
+        group_fold_ids(["same prompt"] * 10, 5)
     with pytest.raises(ValueError, match="reference: 'mean'; expected one of"):
         cross_fit(lambda: GPM(backbone="table"), *unique_pairs(10), folds=2, reference="mean")
 

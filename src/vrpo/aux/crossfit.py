@@ -27,6 +27,9 @@ def group_fold_ids(groups, folds: int, random_state: int | None = 0) -> np.ndarr
     """Fold ids assigned per group (e.g. prompt_id): all pairs of a group share a fold, so a
     model never sees a sibling pair of the prompt it is predicting for. Shape [n]."""
     keys, inverse = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    if folds >= 2 and len(keys) < folds:
+        raise ValueError(f"folds: {folds} folds but only {len(keys)} distinct prompts (groups); expected at least one "
+                         "per fold (fold by pair instead: --fold-by pair / groups=None)")
     return fold_ids(len(keys), folds, random_state)[inverse]
 
 
