@@ -207,3 +207,16 @@ def test_lora_saves_adapter_and_merged_model(tmp_path):
 
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_labelled_pairs_from_another_model_are_refused(tmp_path):
+    from vrpo.provenance import write_manifest
+
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    write_pairs(folder / "pairs.jsonl", n=2)
+    write_manifest(folder, {"kind": "labelled_pairs", "samples_manifest": {"model_fingerprint": "f" * 64,
+                                                                            "from_reference_policy": True}})
+    with pytest.raises(ValueError, match="labelled pairs were drawn from model ffff"):
+        train(VRPOConfig(method="dpo", model=str(tiny_model_dir()), data=str(folder), out=str(tmp_path / "o"),
+                         max_steps=1, **FAST))

@@ -14,6 +14,7 @@ from vrpo.provenance import (atomic_write_json, atomic_write_text, check_referen
 from vrpo.train.config import VRPOConfig
 from vrpo.train.methods import METHODS
 
+LABELLED_PAIRS = "pairs.jsonl"  # what `vrpo label` writes
 SAMPLE_LOGP_TOLERANCE = 1e-3  # nats; stored vs recomputed reference log-probs of the same sequence
 
 
@@ -30,9 +31,12 @@ def load_training_rows(cfg: VRPOConfig, tokenizer) -> tuple[list[dict], dict]:
             if manifests["scored_data"].get("samples_manifest"):
                 manifests["samples"] = manifests["scored_data"]["samples_manifest"]
     else:
+        if data.is_dir() and (data / LABELLED_PAIRS).exists():  # a `vrpo label` folder
+            data = data / LABELLED_PAIRS
         rows = load_preferences(data, tokenizer).to_list()
-        if data.is_dir() and (data / "manifest.json").exists():
-            manifests["labelled_pairs"] = read_manifest(data)
+        labelled = labelled_pairs_manifest(data)
+        if labelled:
+            manifests["labelled_pairs"] = labelled
     if cfg.samples and METHODS[cfg.method].needs_reference_samples:
         from vrpo.sampling import read_samples
         from vrpo.data import attach_reference_samples
@@ -40,6 +44,16 @@ def load_training_rows(cfg: VRPOConfig, tokenizer) -> tuple[list[dict], dict]:
         rows = attach_reference_samples(rows, read_samples(cfg.samples), f"--samples {cfg.samples}")
         manifests["samples"] = read_manifest(cfg.samples)
     return rows, manifests
+
+
+def labelled_pairs_manifest(data: Path) -> dict | None:
+    """The sampling manifest of the responses in labelled pairs, when a manifest sits beside
+    them (``vrpo label`` writes the samples' manifest into its own)."""
+    folder = data if data.is_dir() else data.parent
+    if not (folder / "manifest.json").exists():
+        return None
+    manifest = read_manifest(folder)
+    return manifest.get("samples_manifest") or (manifest if "model_fingerprint" in manifest else None)
 
 
 def check_provenance(cfg: VRPOConfig, manifests: dict, ref_fp: str, tok_fp: str) -> list[str]:
@@ -81,14 +95,19 @@ def training_arguments(cfg: VRPOConfig):
         extra.setdefault("use_cpu", True)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             extra.setdefault("ddp_backend", "gloo")  # CPU processes (tests, laptops)
-    return TrainingArguments(
+    values = dict(
         output_dir=cfg.out, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler_type, seed=cfg.seed,
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, report_to=list(cfg.report_to), bf16=cfg.bf16,
-        remove_unused_columns=False, disable_tqdm=False, **extra)
+        remove_unused_columns=False)
+    values.update(extra)  # --training-args wins
+    try:
+        return TrainingArguments(**values)
+    except TypeError as e:
+        raise ValueError(f"--training-args: {e}") from None
 
 
 def prepare(cfg: VRPOConfig, targs) -> dict:
