@@ -111,3 +111,9 @@ def tiny_tokenizer():
     from tests.pipeline_helpers import tiny_model_dir
 
     return AutoTokenizer.from_pretrained(tiny_model_dir())
+
+
+def test_completions_that_must_not_be_cut(tiny_tokenizer):
+    with pytest.raises(ValueError, match="exceed max_length 8, which would change its stored log-prob"):
+        tokenize_completions(tiny_tokenizer, "The movie", [" was wonderful and great and the acting"], max_length=8,
+                             max_prompt_length=4, cut_completions=False, where="row 0")

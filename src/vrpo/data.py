@@ -281,13 +281,15 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def tokenize_completions(tokenizer, prompt: str, completions: Sequence[str], *, max_length: int = 512,
                          max_prompt_length: int = 256, prompt_truncation: str = "error", add_eos: bool = True,
-                         where: str = "prompt") -> tuple[list[int], list[list[int]]]:
+                         where: str = "prompt", cut_completions: bool = True) -> tuple[list[int], list[list[int]]]:
     """Token ids of a prompt and of each completion after it.
 
     Each completion is tokenised together with the prompt (tokens may merge across the
     boundary); the completion starts where it leaves the tokenised prompt, so the prompt
     part is shared by all completions. ``add_eos`` appends the EOS token (the model must
-    learn to stop). Truncation: see the module docstring. ``where`` names the row in errors.
+    learn to stop). Truncation: see the module docstring; ``cut_completions=False`` makes a
+    completion that does not fit an error instead (its stored log-prob would not match).
+    ``where`` names the row in errors.
     """
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
@@ -303,6 +305,10 @@ def tokenize_completions(tokenizer, prompt: str, completions: Sequence[str], *, 
                              "raise --max-prompt-length or pass --prompt-truncation left")
         prompt_part = prompt_part[-max_prompt_length:]  # keep the end, nearest the response
     room = max_length - len(prompt_part)
+    if not cut_completions and any(len(c) > room for c in completion_parts):
+        longest = max(len(c) for c in completion_parts)
+        raise ValueError(f"{where}: prompt ({len(prompt_part)} tokens) + a completion ({longest} tokens) exceed "
+                         f"max_length {max_length}, which would change its stored log-prob; raise --max-length")
     return prompt_part, [c[:room] for c in completion_parts]
 
 

@@ -155,7 +155,7 @@ def sample_shard(model, tokenizer, items: list[dict], settings: dict, seed: int,
     return rows
 
 
-def _write_parquet(path: Path, rows: list[dict]) -> None:
+def write_parquet(path: Path, rows: list[dict]) -> None:
     import io
 
     import pyarrow as pa
@@ -215,7 +215,7 @@ def sample_references(model_path: str, prompts_path: str, out: str, *, num_sampl
                desc=f"sampling K={num_samples}", unit="prompt", disable=not state.is_local_main_process)
     for s in todo:
         rows = sample_shard(model, tokenizer, shards[s], settings, seed * 100_003 + s, batch_size, token_settings)
-        _write_parquet(out_dir / SHARD_DIR / f"shard-{s:05d}.parquet", rows)
+        write_parquet(out_dir / SHARD_DIR / f"shard-{s:05d}.parquet", rows)
         bar.update(len(shards[s]))
     bar.close()
     state.wait_for_everyone()
@@ -246,7 +246,7 @@ def _merge_shards(out_dir: Path, num_shards: int) -> None:
     rows = []
     for s in range(num_shards):
         rows.extend(pq.read_table(out_dir / SHARD_DIR / f"shard-{s:05d}.parquet").to_pylist())
-    _write_parquet(out_dir / SAMPLES_FILE, rows)
+    write_parquet(out_dir / SAMPLES_FILE, rows)
 
 
 # --------------------------------------------------------------------------------------

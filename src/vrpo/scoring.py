@@ -65,7 +65,7 @@ def score_pairs(aux_spec: str, data: str, samples: str | None, out: str, *, chun
 
     from vrpo.aux import resolve_aux
     from vrpo.provenance import fingerprint_data, read_manifest, write_manifest
-    from vrpo.sampling import _write_parquet, read_samples
+    from vrpo.sampling import write_parquet, read_samples
     from vrpo.data import attach_reference_samples, load_preferences
 
     rows = load_preferences(data, max_rows=max_rows).to_list()
@@ -94,7 +94,7 @@ def score_pairs(aux_spec: str, data: str, samples: str | None, out: str, *, chun
             continue
         chunk = rows[start:start + chunk_size]
         obs = None if observed is None else observed[start:start + chunk_size]
-        _write_parquet(shard, score_chunk(aux, aux_spec, chunk, obs, str(data)))
+        write_parquet(shard, score_chunk(aux, aux_spec, chunk, obs, str(data)))
     _merge(out_dir, len(starts))
     write_manifest(out_dir, dict(manifest, complete=True))
     return out_dir / DATA_FILE
@@ -103,12 +103,12 @@ def score_pairs(aux_spec: str, data: str, samples: str | None, out: str, *, chun
 def _merge(out_dir: Path, num_chunks: int) -> None:
     import pyarrow.parquet as pq
 
-    from vrpo.sampling import _write_parquet
+    from vrpo.sampling import write_parquet
 
     rows = []
     for c in range(num_chunks):
         rows.extend(pq.read_table(out_dir / "shards" / f"chunk-{c:05d}.parquet").to_pylist())
-    _write_parquet(out_dir / DATA_FILE, rows)
+    write_parquet(out_dir / DATA_FILE, rows)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
