@@ -1,0 +1,282 @@
+"""results.json, results.md and plots of ``vrpo reproduce bandit``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vrpo.simulate.world import PREFERENCE_KINDS
+
+LEGEND = {
+    "base": "DPO / Bradley-Terry, sigmoid loss",
+    "cdpo": "conservative DPO, label smoothing 0.1",
+    "rdpo": "robust DPO, assumed flip rate 0.1",
+    "vrpo_oracle_k2": "VRPO, oracle g = p*, K = 2 (the paper's single reference pair)",
+    "vrpo_oracle_k4": "VRPO, oracle g, K = 4 (U-statistic over 6 pairs)",
+    "vrpo_oracle": "VRPO, oracle g, K = 8 (U-statistic over 28 pairs)",
+    "vrpo_oracle_k16": "VRPO, oracle g, K = 16",
+    "vrpo_oracle_exact": "VRPO, oracle g, exact expectation over pi_ref (the limit K -> infinity)",
+    "vrpo_oracle_optc": "VRPO, oracle g, K = 8, control-variate coefficient estimated from the data",
+    "vrpo_oracle_k2_optc": "VRPO, oracle g, K = 2, estimated coefficient",
+    "vrpo_fitted": "VRPO, K = 8, flexible (GPM-like) g fitted on the same labelled pairs",
+    "vrpo_crossfit": "VRPO, K = 8, the same g cross-fitted (5 folds, out-of-fold for observed pairs)",
+    "vrpo_crossfit_exact": "VRPO, cross-fitted g, exact expectation",
+    "vrpo_wrong_aux": "VRPO, K = 8, deliberately wrong g = 1 - p*",
+    "ramp_dpo": "base with the ramp loss, no control variate (ramp-DPO)",
+    "vrpo_ramp_oracle_k2": "VRPO with the ramp loss, oracle g, K = 2 (the paper code's setting)",
+    "vrpo_ramp_oracle": "VRPO with the ramp loss, oracle g, K = 8",
+    "vrpo_ramp_oracle_exact": "VRPO with the ramp loss, oracle g, exact expectation",
+}
+RAMP_METHODS = {"ramp_dpo", "vrpo_ramp_oracle_k2", "vrpo_ramp_oracle", "vrpo_ramp_oracle_exact"}
+LIMIT_KS = {"2": "vrpo_oracle_k2", "4": "vrpo_oracle_k4", "8": "vrpo_oracle", "16": "vrpo_oracle_k16"}
+NEGLIGIBLE = 0.03  # a limit reduction under 3% of the base MSE has no "fraction" to speak of
+
+
+def _reference_of(method: str) -> str:
+    """The base a method is compared with: ramp methods with ramp-DPO (same target)."""
+    return "ramp_dpo" if method in RAMP_METHODS else "base"
+
+
+def _paired_ratio_ci(a, b, seed: int = 0, boot: int = 2000) -> list[float]:
+    """95% bootstrap CI of mean(a) / mean(b), resampling replicates jointly (paired)."""
+    a, b = np.asarray(a), np.asarray(b)
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(boot, len(a)))
+    r = a[idx].mean(1) / b[idx].mean(1)
+    return [float(x) for x in np.percentile(r, [2.5, 97.5])]
+
+
+def _fraction(base: float, method: float, limit: float):
+    red = base - limit
+    return None if red <= NEGLIGIBLE * base else (base - method) / red
+
+
+def _setting_block(name: str, res: dict) -> dict:
+    methods = {m: r for m, r in res.items() if not m.startswith("_")}
+    out_methods = {}
+    for m, r in methods.items():
+        ref = methods.get(_reference_of(m))
+        entry = {k: v for k, v in r.items() if not k.startswith("_")}
+        if ref is not None:
+            entry["mse_ratio"] = r["mse"] / ref["mse"]
+            entry["variance_ratio"] = r["variance"] / ref["variance"] if ref["variance"] > 0 else None
+            entry["regret_ratio"] = r["regret"] / ref["regret"] if ref["regret"] > 0 else None
+            entry["compared_with"] = _reference_of(m)
+            if "_sq_err" in r and "_sq_err" in ref:
+                entry["mse_ratio_ci"] = _paired_ratio_ci(r["_sq_err"], ref["_sq_err"])
+        out_methods[m] = entry
+    block = {"misspecified": None, "reference_policy": None, "methods": out_methods,
+             "target": res.get("_target")}
+    b = methods.get("base")
+    if b and "vrpo_oracle_exact" in methods:
+        lim = methods["vrpo_oracle_exact"]["mse"]
+        block["limit"] = {
+            "method": "vrpo_oracle_exact",
+            "mse_reduction": 1.0 - lim / b["mse"],
+            "fraction_of_limit": {k: _fraction(b["mse"], methods[m]["mse"], lim)
+                                  for k, m in LIMIT_KS.items() if m in methods},
+        }
+    if b and "vrpo_oracle" in methods:
+        block["aux_fraction_of_oracle"] = {m: _fraction(b["mse"], methods[m]["mse"], methods["vrpo_oracle"]["mse"])
+                                           for m in ("vrpo_fitted", "vrpo_crossfit", "vrpo_wrong_aux") if m in methods}
+    return block
+
+
+def build_results(cfg: dict, main: dict, one_stage: dict, grad_var: dict, sweep: dict, oracle_k: int) -> dict:
+    from vrpo.simulate.world import make_world
+
+    def settings_of(res_by_setting):
+        out = {}
+        for name, res in res_by_setting.items():
+            world = make_world(name, seed=cfg["seed"])
+            block = _setting_block(name, res)
+            block["misspecified"] = world.misspecified
+            block["reference_policy"] = world.reference_policy
+            if name in grad_var:
+                block["gradient_variance"] = grad_var[name]
+            out[name] = block
+        return out
+
+    results = {
+        "replicates": cfg["replicates"], "n": cfg["n"], "seed": cfg["seed"], "ridge": cfg["ridge"],
+        "primary_model": "linear_bt", "oracle_k": oracle_k,
+        "command": f"vrpo reproduce bandit --replicates {cfg['replicates']} --n {cfg['n']} --seed {cfg['seed']}"
+                   + (" --quick" if cfg["quick"] else ""),
+        "settings": settings_of(main),
+        "methods_legend": {m: LEGEND.get(m, m) for m in next(iter(main.values())) if not m.startswith("_")},
+    }
+    if one_stage:
+        results["one_stage"] = {"primary_model": "tabular_dpo", "settings": settings_of(one_stage)}
+    if sweep:
+        results["n_sweep"] = {
+            name: {m: {meth: {k: v for k, v in r.items() if not k.startswith("_")}
+                       for meth, r in res.items() if not meth.startswith("_")}
+                   for m, res in by_n.items()}
+            for name, by_n in sweep.items()}
+        for name, by_n in results["n_sweep"].items():  # the main run is the sweep's point at --n
+            if name in results["settings"]:
+                by_n.setdefault(str(cfg["n"]), {m: results["settings"][name]["methods"][m]
+                                                for m in next(iter(by_n.values())) if m in results["settings"][name]["methods"]})
+    return results
+
+
+# ------------------------------------------------------------------------------- markdown
+def _arrow(ratio, ci=None) -> str:
+    """down / up when the paired 95% CI of the ratio excludes 1, '=' otherwise."""
+    if ratio is None:
+        return ""
+    if ci is not None:
+        return "↓" if ci[1] < 1 else ("↑" if ci[0] > 1 else "≈")
+    return "↓" if ratio < 0.95 else ("↑" if ratio > 1.05 else "≈")
+
+
+def _fmt(x, nd=4) -> str:
+    return "n/a" if x is None else f"{x:.{nd}g}"
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def write_markdown(results: dict) -> str:
+    S = results["settings"]
+    L = [f"# Bandit testbed: {results['replicates']} replicates, n = {results['n']} labelled pairs, seed {results['seed']}",
+         "", f"Printed by `{results['command']}`. Primary model: linear Bradley-Terry reward (two-stage); "
+         f"VRPO uses the oracle g = p* and K = {results['oracle_k']} reference samples unless a row says otherwise. "
+         "Ratios are method / base on the SAME datasets; arrows: ↓/↑ when the paired bootstrap 95% CI of the MSE "
+         "ratio excludes 1, ≈ otherwise. Suboptimality = greedy regret in true win rate against pi_ref "
+         "(docs/testbed.md).", ""]
+    L += ["## Theory table (paper layout): base → VRPO (ratio)", "",
+          "| setting | misspecified | pi_ref | variance | MSE | MSE 95% CI (base; VRPO) | suboptimality |",
+          "|---|---|---|---|---|---|---|"]
+    for name, s in S.items():
+        b, v = s["methods"]["base"], s["methods"].get("vrpo_oracle")
+        if v is None:
+            continue
+        arrow = _arrow(v.get("mse_ratio"), v.get("mse_ratio_ci"))
+        L.append(f"| {name} | {'yes' if s['misspecified'] else 'no'} | {s['reference_policy']} | "
+                 f"{b['variance']:.4f} → {v['variance']:.4f} ({v['variance_ratio']:.2f}) | "
+                 f"{b['mse']:.4f} → {v['mse']:.4f} ({v['mse_ratio']:.2f}) {arrow} | "
+                 f"[{b['mse_ci'][0]:.4f}, {b['mse_ci'][1]:.4f}]; [{v['mse_ci'][0]:.4f}, {v['mse_ci'][1]:.4f}] | "
+                 f"{b['regret']:.4f} → {v['regret']:.4f} |")
+    L += ["", "## How much of the limit do K reference samples reach? (oracle g, sigmoid)", "",
+          "MSE ratio to base for K = 2, 4, 8, 16 and the exact expectation (the limit); then the fraction of the "
+          "limit's MSE reduction that each K reaches ((base - K) / (base - limit); — when the limit removes < 3%).", "",
+          "| setting | K=2 | K=4 | K=8 | K=16 | limit | frac K=2 | frac K=4 | frac K=8 | frac K=16 |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in S.items():
+        m = s["methods"]
+        if "limit" not in s:
+            continue
+        ratios = [m[x]["mse_ratio"] for x in ("vrpo_oracle_k2", "vrpo_oracle_k4", "vrpo_oracle", "vrpo_oracle_k16",
+                                               "vrpo_oracle_exact")]
+        fr = s["limit"]["fraction_of_limit"]
+        L.append(f"| {name} | " + " | ".join(f"{r:.2f}" for r in ratios) + " | "
+                 + " | ".join(_pct(fr.get(k)) for k in ("2", "4", "8", "16")) + " |")
+    L += ["", "## Which part helps? Ablations (issue 8)", "",
+          "MSE ratio is against the base with the SAME loss (ramp rows against ramp-DPO: the two losses have "
+          "different population targets); regret compares all rows directly.", "",
+          "| setting | DPO (sigmoid) regret | ramp-DPO: MSE vs DPO target n/a; regret | VRPO sigmoid K=2 | VRPO sigmoid K=8 | "
+          "VRPO ramp K=2 | VRPO ramp K=8 | VRPO ramp limit |", "|---|---|---|---|---|---|---|---|"]
+    for name, s in S.items():
+        m = s["methods"]
+        if "ramp_dpo" not in m:
+            continue
+        cell = lambda k: (f"MSE {m[k]['mse_ratio']:.2f} {_arrow(m[k]['mse_ratio'], m[k].get('mse_ratio_ci'))}; "  # noqa: E731
+                          f"regret {m[k]['regret']:.4f}") if k in m else "n/a"
+        L.append(f"| {name} | {m['base']['regret']:.4f} | {m['ramp_dpo']['regret']:.4f} | {cell('vrpo_oracle_k2')} | "
+                 f"{cell('vrpo_oracle')} | {cell('vrpo_ramp_oracle_k2')} | {cell('vrpo_ramp_oracle')} | "
+                 f"{cell('vrpo_ramp_oracle_exact')} |")
+    L += ["", "## Auxiliary model and other estimators (sigmoid, K = 8; MSE ratio to base, bias², failed fits)", "",
+          "'frac of oracle' = (base - method) / (base - oracle VRPO) MSE reduction (— when the oracle gains < 3%).", "",
+          "| setting | fitted | cross-fitted | frac of oracle (fitted; cross-fitted) | wrong g | est. coef K=8 (mean c) | "
+          "est. coef K=2 | cDPO | rDPO |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in S.items():
+        m = s["methods"]
+        c = lambda k: (f"{m[k]['mse_ratio']:.2f} {_arrow(m[k]['mse_ratio'], m[k].get('mse_ratio_ci'))}"  # noqa: E731
+                       + (f" ({m[k]['failed_fits']} failed)" if m[k]["failed_fits"] else "")) if k in m else "n/a"
+        fo = s.get("aux_fraction_of_oracle", {})
+        coef = lambda k: f"{c(k)} (c={m[k]['coef_mean']:.2f})" if k in m and "coef_mean" in m[k] else c(k)  # noqa: E731
+        L.append(f"| {name} | {c('vrpo_fitted')} | {c('vrpo_crossfit')} | {_pct(fo.get('vrpo_fitted'))}; "
+                 f"{_pct(fo.get('vrpo_crossfit'))} | {c('vrpo_wrong_aux')} | {coef('vrpo_oracle_optc')} | "
+                 f"{coef('vrpo_oracle_k2_optc')} | {c('cdpo')} | {c('rdpo')} |")
+    if any("gradient_variance" in s for s in S.values()):
+        L += ["", "## Gradient variance at the population target (oracle g, sigmoid): VRPO / base", "",
+              "Measured across the replicates vs predicted by `vrpo.diagnostics.variance_decomposition` from ONE "
+              "dataset (the diagnostic a user runs); shares of the base gradient's variance.", "",
+              "| setting | label noise | pair | between | K=2 meas / pred | K=4 | K=8 | K=16 | limit pred |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for name, s in S.items():
+            g = s.get("gradient_variance")
+            if not g:
+                continue
+            kk = lambda k: f"{g['measured_ratio'][k]:.2f} / {g['predicted_ratio'][k]:.2f}"  # noqa: E731
+            L.append(f"| {name} | {_pct(g['label_noise_share'])} | {_pct(g['pair_share'])} | {_pct(g['between_share'])} | "
+                     f"{kk('2')} | {kk('4')} | {kk('8')} | {kk('16')} | {g['predicted_ratio']['limit']:.2f} |")
+    if "one_stage" in results:
+        L += ["", "## One-stage: tabular softmax policy trained with DPO (beta = 1); MSE ratio to DPO, regret", "",
+              "| setting | DPO MSE | VRPO K=2 | VRPO K=8 | VRPO limit | VRPO cross-fitted g K=8 | DPO regret | VRPO K=8 regret |",
+              "|---|---|---|---|---|---|---|---|"]
+        for name, s in results["one_stage"]["settings"].items():
+            m = s["methods"]
+            c = lambda k: f"{m[k]['mse_ratio']:.2f} {_arrow(m[k]['mse_ratio'], m[k].get('mse_ratio_ci'))}" if k in m else "n/a"  # noqa: E731
+            L.append(f"| {name} | {m['base']['mse']:.4f} | {c('vrpo_oracle_k2')} | {c('vrpo_oracle')} | "
+                     f"{c('vrpo_oracle_exact')} | {c('vrpo_crossfit')} | {m['base']['regret']:.4f} | "
+                     f"{m['vrpo_oracle']['regret']:.4f} |")
+    failures = "; ".join(f"{name}: " + ", ".join(f"{k} {v['failed_fits']}" for k, v in s["methods"].items() if v["failed_fits"])
+                         for name, s in S.items() if any(v["failed_fits"] for v in s["methods"].values()))
+    L += ["", f"Failed fits (not converged, non-finite or diverged), of {results['replicates']} per method: "
+          + (failures or "none"), ""]
+    return "\n".join(L)
+
+
+# ------------------------------------------------------------------------------- plots
+def write_plots(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    S = results["settings"]
+    ks = [("2", "vrpo_oracle_k2"), ("4", "vrpo_oracle_k4"), ("8", "vrpo_oracle"), ("16", "vrpo_oracle_k16"),
+          ("exact", "vrpo_oracle_exact")]
+    for metric, fname in (("mse", "mse_vs_k.png"), ("regret", "regret_vs_k.png")):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for name, s in S.items():
+            m = s["methods"]
+            if not all(k in m for _, k in ks):
+                continue
+            ys = [m[k][metric] / m["base"][metric] if m["base"][metric] > 0 else np.nan for _, k in ks]
+            ax.plot(range(len(ks)), ys, marker="o", label=name)
+        ax.axhline(1.0, color="gray", lw=1, ls="--")
+        ax.set_xticks(range(len(ks)), [k for k, _ in ks])
+        ax.set_xlabel("K reference samples (oracle g, sigmoid)")
+        ax.set_ylabel(f"{metric} / base {metric}")
+        ax.set_title(f"VRPO {metric} against K (n = {results['n']}, {results['replicates']} replicates)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        paths.append(out / fname)
+    sweep = results.get("n_sweep")
+    if sweep:
+        for metric, fname in (("mse", "mse_vs_n.png"), ("regret", "regret_vs_n.png")):
+            fig, axes = plt.subplots(1, len(sweep), figsize=(4.2 * len(sweep), 3.6), squeeze=False)
+            for ax, (name, by_n) in zip(axes[0], sweep.items()):
+                ns = sorted(by_n, key=int)
+                for meth in next(iter(by_n.values())):
+                    ax.plot([int(x) for x in ns], [by_n[x][meth][metric] for x in ns], marker="o", label=meth)
+                ax.set_xscale("log")
+                ax.set_yscale("log" if metric == "mse" else "linear")
+                ax.set_title(name)
+                ax.set_xlabel("n labelled pairs")
+                ax.set_ylabel(metric)
+            axes[0][0].legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out / fname, dpi=110)
+            plt.close(fig)
+            paths.append(out / fname)
+    return paths
+
+
+__all__ = ["build_results", "write_markdown", "write_plots", "PREFERENCE_KINDS"]
