@@ -1,0 +1,128 @@
+"""vrpo.diagnostics: the variance decomposition on known inputs and the `vrpo diagnose` command."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from vrpo.diagnostics import pair_moments, u_statistic_variance, variance_decomposition
+
+
+def _symmetric_pairs(rng, n, K, d):
+    m = rng.normal(size=(n, K, K, d))
+    return m + m.transpose(0, 2, 1, 3)
+
+
+def test_pair_moments_match_brute_force_loops():
+    """S2 = mean |m_jk|^2, S1 = mean <m_jk, m_jl> (one shared index), S0 = mean over
+    disjoint pairs; zeta_2 = S2 - S0, zeta_1 = S1 - S0. Loops over all index tuples."""
+    rng = np.random.default_rng(0)
+    m = _symmetric_pairs(rng, 2, 5, 3)
+    z2, z1 = pair_moments(m)
+    K = 5
+    for i in range(2):
+        s2 = np.mean([m[i, j, k] @ m[i, j, k] for j, k in itertools.permutations(range(K), 2)])
+        s1 = np.mean([m[i, j, k] @ m[i, j, l] for j, k, l in itertools.permutations(range(K), 3)])
+        s0 = np.mean([m[i, j, k] @ m[i, a, b] for j, k, a, b in itertools.permutations(range(K), 4)])
+        assert z2[i] == pytest.approx(s2 - s0)
+        assert z1[i] == pytest.approx(s1 - s0)
+
+
+def test_pair_moments_are_unbiased_for_an_additive_pair_score():
+    """m(Y1, Y2) = h(Y1) + h(Y2) with h ~ N(0, 1) in d = 2: Var m = 2 * 2 = 4 (trace),
+    Cov(m(Y1, Y2), m(Y1, Y3)) = Var h = 2."""
+    rng = np.random.default_rng(1)
+    h = rng.normal(size=(4000, 6, 2))
+    m = h[:, :, None, :] + h[:, None, :, :]
+    z2, z1 = pair_moments(m)
+    assert z2.mean() == pytest.approx(4.0, rel=0.05)
+    assert z1.mean() == pytest.approx(2.0, rel=0.05)
+
+
+def test_u_statistic_variance_hand_values():
+    """K = 2: one pair, v = zeta_2. K = 4: 4*2/12 zeta_1 + 2/12 zeta_2 = 2/3 z1 + 1/6 z2."""
+    assert u_statistic_variance(2, 3.0, 1.0) == pytest.approx(3.0)
+    assert u_statistic_variance(4, 3.0, 1.0) == pytest.approx(2 / 3 + 0.5)
+
+
+def test_decomposition_k2_removes_nothing_and_pure_label_noise_leaves_nothing_to_remove():
+    rng = np.random.default_rng(2)
+    n, K, d = 300, 6, 2
+    ref = _symmetric_pairs(rng, n, K, d)
+    aux = ref[:, 0, 1]  # the observed pair's conditional mean looks like a reference pair's
+    obs = aux + rng.normal(size=(n, d))
+    r = variance_decomposition(obs, aux, ref, ks=(2, 4, 6))
+    assert r["removable_share"]["2"] == pytest.approx(0.0, abs=1e-12)
+    assert r["predicted_ratio"]["2"] == pytest.approx(1.0)
+    assert 0 < r["removable_share"]["4"] < r["removable_share"]["6"] < r["removable_share"]["limit"]
+    assert set(r["measured_ratio"]) == {"2", "4", "6"}
+    # no pair variance (all pairs score the same): nothing removable, all label noise
+    flat = np.zeros((n, K, K, d))
+    r0 = variance_decomposition(obs - aux, np.zeros((n, d)), flat, ks=(2, 8))
+    assert r0["removable_share"]["8"] == pytest.approx(0.0, abs=1e-12)
+    assert r0["label_noise_share"] == pytest.approx(1.0, rel=0.05)
+
+
+def test_decomposition_rejects_bad_shapes_with_one_line_errors():
+    obs = np.zeros((5, 2))
+    with pytest.raises(ValueError, match=r"ref_pair_scores: shape") as e:
+        variance_decomposition(obs, obs, np.zeros((5, 4, 4, 3)))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="at least 4"):
+        variance_decomposition(obs, obs, np.zeros((5, 3, 3, 2)))
+    with pytest.raises(ValueError, match="observed"):
+        variance_decomposition(obs, np.zeros((4, 2)), np.zeros((5, 4, 4, 2)))
+
+
+def _scored_frame(k, n=12):
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    words = ["book", "tuesday", "urgent", "care", "call", "doctor", "today", "appointment", "emergency"]
+    text = lambda: " ".join(rng.choice(words, size=5))  # noqa: E731
+    rows = []
+    for i in range(n):
+        g = rng.uniform(size=(k, k))
+        g = (g + 1 - g.T) / 2
+        rows.append({"prompt": f"p{i}", "chosen": text(), "rejected": text(), "aux_prob": float(rng.uniform()),
+                     "ref_samples": [text() for _ in range(k)], "ref_aux_prob": g.tolist()})
+    return pd.DataFrame(rows)
+
+
+def test_diagnose_command_on_scored_parquet(tmp_path, capsys):
+    from vrpo.cli import main
+
+    path = tmp_path / "data.parquet"
+    _scored_frame(5).to_parquet(path)
+    out = tmp_path / "d.json"
+    assert main(["diagnose", str(tmp_path), "--k", "2,4", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "label noise" in text and "removable share" in text
+    r = json.loads(out.read_text())
+    assert r["removable_share"]["2"] == pytest.approx(0.0, abs=1e-9)
+    assert set(r["removable_share"]) == {"2", "4", "limit"}
+
+
+@pytest.mark.parametrize("k, argv, needle", [
+    (2, [], "at least 4"),
+    (5, ["--k", "1,4"], "--k"),
+    (5, ["--k", "two"], "--k"),
+])
+def test_diagnose_bad_input_is_one_line_error(tmp_path, capsys, k, argv, needle):
+    from vrpo.cli import main
+
+    path = tmp_path / "data.parquet"
+    _scored_frame(k).to_parquet(path)
+    assert main(["diagnose", str(path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err
+
+
+def test_diagnose_missing_file_and_column(tmp_path, capsys):
+    from vrpo.cli import main
+
+    assert main(["diagnose", str(tmp_path / "nope.parquet")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    _scored_frame(5).drop(columns=["ref_aux_prob"]).to_parquet(tmp_path / "data.parquet")
+    assert main(["diagnose", str(tmp_path / "data.parquet")]) == 2
+    assert "ref_aux_prob" in capsys.readouterr().err
