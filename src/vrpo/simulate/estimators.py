@@ -36,6 +36,7 @@ class LinearReward:
     """Two-stage primary model: r(x, a) = theta' phi(x, a)."""
 
     name = "linear_bt"
+    ridge = 1e-3  # 4 parameters, n >= 100 pairs: a numerical safeguard only
 
     def __init__(self, features: Tensor):
         self.features = features  # [X, A, d]
@@ -69,6 +70,10 @@ class TabularPolicy:
     theta [R, X * A]; margins theta_xa - theta_xb (the log-partition cancels)."""
 
     name = "tabular_dpo"
+    # 5 free rewards per prompt from ~n/20 comparisons: pairs seen once or never are
+    # separable, and with a tiny ridge their margins run to log(1/ridge). 1e-2 acts like a
+    # N(0, 1 / (n * 1e-2)) prior, the role DPO's KL to pi_ref plays in a language model.
+    ridge = 1e-2
 
     def __init__(self, features: Tensor):
         self.num_contexts, self.num_responses = features.shape[:2]

@@ -177,9 +177,11 @@ def failed(theta: Tensor, converged: Tensor, target: Tensor) -> Tensor:
 
 
 def run_setting(world: World, replicates: int, n: int, methods: list[str], *, primary: str = "linear_bt",
-                ridge: float = 1e-3, seed: int = 0, max_k: int = 16, progress=None) -> dict:
-    """Fit ``methods`` on the same R datasets of ``world``; return per-method summaries."""
+                ridge: float | None = None, seed: int = 0, max_k: int = 16, progress=None) -> dict:
+    """Fit ``methods`` on the same R datasets of ``world``; return per-method summaries.
+    ``ridge`` defaults to the primary model's own (``LinearReward.ridge``, ``TabularPolicy.ridge``)."""
     model = PRIMARY_MODELS[primary](world.features)
+    ridge = model.ridge if ridge is None else ridge
     data = simulate_for(world, replicates, n, max_k, seed)
     specs = {m: METHODS[m] for m in methods}
     aux = aux_tables(world, data, {s.aux for s in specs.values() if s.aux}, seed)

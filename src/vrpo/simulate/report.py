@@ -97,7 +97,7 @@ def build_results(cfg: dict, main: dict, one_stage: dict, grad_var: dict, sweep:
         return out
 
     results = {
-        "replicates": cfg["replicates"], "n": cfg["n"], "seed": cfg["seed"], "ridge": cfg["ridge"],
+        "replicates": cfg["replicates"], "n": cfg["n"], "seed": cfg["seed"], "ridge": cfg["ridge"]["linear_bt"],
         "primary_model": "linear_bt", "oracle_k": oracle_k,
         "command": f"vrpo reproduce bandit --replicates {cfg['replicates']} --n {cfg['n']} --seed {cfg['seed']}"
                    + (" --quick" if cfg["quick"] else ""),
@@ -105,7 +105,8 @@ def build_results(cfg: dict, main: dict, one_stage: dict, grad_var: dict, sweep:
         "methods_legend": {m: LEGEND.get(m, m) for m in next(iter(main.values())) if not m.startswith("_")},
     }
     if one_stage:
-        results["one_stage"] = {"primary_model": "tabular_dpo", "settings": settings_of(one_stage)}
+        results["one_stage"] = {"primary_model": "tabular_dpo", "ridge": cfg["ridge"]["tabular_dpo"],
+                                "settings": settings_of(one_stage)}
     if sweep:
         results["n_sweep"] = {
             name: {m: {meth: {k: v for k, v in r.items() if not k.startswith("_")}

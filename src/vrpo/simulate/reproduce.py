@@ -55,7 +55,7 @@ def resolve(args: argparse.Namespace) -> dict:
     replicates = min(args.replicates, 60) if args.quick else args.replicates
     return {
         "replicates": replicates, "n": args.n, "seed": args.seed, "settings": settings,
-        "quick": bool(args.quick), "ridge": 1e-3, "max_k": 16,
+        "quick": bool(args.quick), "ridge": {"linear_bt": 1e-3, "tabular_dpo": 1e-2}, "max_k": 16,
         "one_stage": not (args.quick or args.no_one_stage),
         "sweep": None if args.no_sweep else {
             "settings": [s for s in (["nonlinear"] if args.quick else SWEEP_SETTINGS) if s in settings],
@@ -79,9 +79,13 @@ def _jsonable(obj):
     return obj
 
 
-def _part(parts: Path, key: str, cfg_key: str, compute):
-    """Load a finished part (same configuration) or compute and save it."""
+PART_VERSION = 1  # bump when a change of the code changes the numbers of a part
+
+
+def _part(parts: Path, key: str, part_cfg: dict, compute):
+    """Load a finished part computed with the same ``part_cfg`` or compute and save it."""
     path = parts / f"{key}.json"
+    cfg_key = json.dumps({**part_cfg, "part_version": PART_VERSION}, sort_keys=True)
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("config") == cfg_key:
@@ -106,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     parts.mkdir(parents=True, exist_ok=True)
     # the tensors are small: one thread is as fast, and far faster on a shared, busy machine
     torch.set_num_threads(1)
-    cfg_key = json.dumps(cfg, sort_keys=True)
-    R, n, seed, ridge = cfg["replicates"], cfg["n"], cfg["seed"], cfg["ridge"]
+    R, n, seed = cfg["replicates"], cfg["n"], cfg["seed"]
+    ridge, ridge_one = cfg["ridge"]["linear_bt"], cfg["ridge"]["tabular_dpo"]
     sweep = cfg["sweep"]
     total = len(cfg["settings"]) * (len(MAIN_METHODS) + (len(ONE_STAGE_METHODS) if cfg["one_stage"] else 0) + 1)
     if sweep:
@@ -115,25 +119,29 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc="bandit fits", unit="fit", disable=args.no_progress)
     main, one_stage, grad_var, sweep_res = {}, {}, {}, {}
-    for i, name in enumerate(cfg["settings"]):
+    for name in cfg["settings"]:
         world = make_world(name, seed=seed)
-        s_seed = seed * 1000 + i  # the same datasets for every method of a setting
+        s_seed = seed * 1000 + SETTINGS.index(name)  # the same datasets for every method of a setting
+        key = {"setting": name, "replicates": R, "n": n, "seed": s_seed}
         bar.set_postfix_str(name)
-        main[name] = _part(parts, f"main_{name}", cfg_key, lambda: run_setting(
+        main[name] = _part(parts, f"main_{name}", {**key, "ridge": ridge, "methods": MAIN_METHODS}, lambda: run_setting(
             world, R, n, MAIN_METHODS, ridge=ridge, seed=s_seed, progress=bar))
-        grad_var[name] = _part(parts, f"gradvar_{name}", cfg_key, lambda: gradient_variance(
+        grad_var[name] = _part(parts, f"gradvar_{name}", {**key, "ridge": ridge}, lambda: gradient_variance(
             world, R, n, seed=s_seed, ridge=ridge))
         bar.update(1)
         if cfg["one_stage"]:
-            one_stage[name] = _part(parts, f"onestage_{name}", cfg_key, lambda: run_setting(
-                world, R, n, ONE_STAGE_METHODS, primary="tabular_dpo", ridge=ridge, seed=s_seed, progress=bar))
+            one_stage[name] = _part(parts, f"onestage_{name}", {**key, "ridge": ridge_one, "methods": ONE_STAGE_METHODS},
+                                    lambda: run_setting(world, R, n, ONE_STAGE_METHODS, primary="tabular_dpo",
+                                                        ridge=ridge_one, seed=s_seed, progress=bar))
     if sweep:
         for name in sweep["settings"]:
             world = make_world(name, seed=seed)
             s_seed = seed * 1000 + SETTINGS.index(name)
             for m in sweep["n"]:
                 bar.set_postfix_str(f"{name} n={m}")
-                sweep_res.setdefault(name, {})[str(m)] = _part(parts, f"sweep_{name}_{m}", cfg_key, lambda: run_setting(
+                key = {"setting": name, "replicates": sweep["replicates"], "n": m, "seed": s_seed + 7919 * m,
+                       "ridge": ridge, "methods": SWEEP_METHODS}
+                sweep_res.setdefault(name, {})[str(m)] = _part(parts, f"sweep_{name}_{m}", key, lambda: run_setting(
                     world, sweep["replicates"], m, SWEEP_METHODS, ridge=ridge, seed=s_seed + 7919 * m, progress=bar))
     bar.close()
     results = build_results(cfg, main, one_stage, grad_var, sweep_res, ORACLE_K)
