@@ -61,3 +61,24 @@ def test_audit_truth_counts_the_top_rows():
     t = ev.audit_truth(audit, pairs, top_fraction=0.4)
     assert t["top_n"] == 2 and t["against_majority_top"] == 1.0 and t["fatigued_top"] == 0.5
     assert t["against_majority_all"] == pytest.approx(0.4) and t["fatigued_all"] == pytest.approx(0.4)
+
+
+def test_workflow_refuses_to_resume_a_run_with_other_settings(tmp_path):
+    import argparse
+
+    from vrpo.experiments.scheduling.workflow import Workflow, resolve_settings
+
+    args = argparse.Namespace(preset="quick", train_per_slice=None, eval_per_slice=None, max_steps=None,
+                              max_new_tokens=None, num_ref_samples=None)
+    first = Workflow(tmp_path, resolve_settings(args), "m", 0, 0.1)
+    first.model = "m"
+    first.check_resume()
+    first.check_resume()  # same settings: fine
+    args.max_steps = 7
+    other = Workflow(tmp_path, resolve_settings(args), "m", 0, 0.1)
+    other.model = "m"
+    with pytest.raises(ValueError, match="max_steps"):
+        other.check_resume()
+    args.max_steps = 0
+    with pytest.raises(ValueError, match="--max-steps 0"):
+        resolve_settings(args)

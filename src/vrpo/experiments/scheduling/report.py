@@ -83,6 +83,9 @@ def markdown(results: dict) -> str:
         f"(all pairs: {a['fatigued_all']:.2f}). A label against the majority from an alert reviewer is a minority "
         "view, not an error: the panel's groups disagree for good reasons.", "",
     ]
+    if results.get("step_seconds"):
+        lines += ["Wall time of the steps run this time (s): " + ", ".join(
+            f"`{k}` {v:.0f}" for k, v in results["step_seconds"].items()), ""]
     if s["preset"] == "quick":
         lines += ["*Quick preset: a handful of prompts and two LoRA steps, to show the workflow end to end. "
                   "Its numbers are not evidence either way; use `--preset full`.*", ""]

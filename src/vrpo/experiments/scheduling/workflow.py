@@ -22,8 +22,8 @@ from pathlib import Path
 # Preset sizes. quick: runs on 2 CPU cores in minutes, to show the workflow, not to measure
 # it (a few pairs, two LoRA steps). full: 80 labelled prompts per slice, a LoRA epoch.
 PRESETS: dict[str, dict] = {
-    "quick": {"train_per_slice": 2, "eval_per_slice": 2, "num_ref_samples": 2, "max_new_tokens": 24,
-              "max_steps": 2, "batch_size": 4, "learning_rate": 5e-4, "lora_r": 8, "folds": 2,
+    "quick": {"train_per_slice": 2, "eval_per_slice": 1, "num_ref_samples": 2, "max_new_tokens": 16,
+              "max_steps": 2, "batch_size": 2, "learning_rate": 5e-4, "lora_r": 8, "folds": 2,
               "aux_epochs": 20, "methods": ["dpo", "vrpo"]},
     "full": {"train_per_slice": 80, "eval_per_slice": 20, "num_ref_samples": 4, "max_new_tokens": 64,
              "max_steps": 120, "batch_size": 4, "learning_rate": 2e-4, "lora_r": 16, "folds": 5,
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     steps = Workflow(out, settings, args.model, args.seed, args.max_regression)
     results = steps.run_all()
     results["seconds"] = round(time.time() - start, 1)
+    results["step_seconds"] = dict(STEP_SECONDS)  # steps run this time (finished steps are skipped on resume)
     from vrpo.experiments.scheduling.report import write_report
 
     write_report(out, results)
@@ -75,12 +76,18 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
+STEP_SECONDS: dict[str, float] = {}  # wall time of each command run in this process (for runtime estimates)
+
+
 def vrpo(*argv: str) -> None:
     """Run one ``vrpo`` command in this process; a non-zero exit stops the workflow."""
     from vrpo.cli import main
 
     print(f"\n$ vrpo {' '.join(argv)}", flush=True)
+    start = time.time()
     code = main(list(argv))
+    key = f"{argv[0]} {argv[argv.index('--out') + 1]}" if "--out" in argv else argv[0]
+    STEP_SECONDS[key] = round(time.time() - start, 1)
     if code != 0:
         raise RuntimeError(f"`vrpo {argv[0]}` exited with status {code}; see the message above")
 
@@ -97,6 +104,7 @@ class Workflow:
         from vrpo.experiments.scheduling.model import smollm2_path
 
         self.model = str(self.model_arg or smollm2_path())
+        self.check_resume()
         train_rows, eval_rows = self.write_prompts()
         self.sample("pairs_samples", 2, self.seed + 1)
         if not Path(self.path("labelled", "pairs.jsonl")).exists():
@@ -111,6 +119,20 @@ class Workflow:
         responses = {name: self.respond(name, folder, eval_rows) for name, folder in policies.items()}
         gates = {m: self.gate(m) for m in self.s["methods"]}
         return self.evaluate(eval_rows, responses, gates)
+
+    def check_resume(self) -> None:
+        """Finished steps are skipped on a rerun: only safe when the settings are the same."""
+        from vrpo.provenance import atomic_write_json
+
+        record = {"settings": self.s, "model": self.model, "seed": self.seed}
+        path = self.out / "workflow.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != json.loads(json.dumps(record)):
+                changed = sorted(k for k in set(old["settings"]) | set(self.s) if old["settings"].get(k) != self.s.get(k))
+                raise ValueError(f"--out {self.out}: holds a run with other settings ({', '.join(changed) or 'model/seed'}"
+                                 " differ); use another --out or delete it")
+        atomic_write_json(path, record)
 
     # ---- data ------------------------------------------------------------------------
     def write_prompts(self) -> tuple[list[dict], list[dict]]:
@@ -171,7 +193,9 @@ class Workflow:
         if target.exists():
             return read_responses(target, [r["prompt_id"] for r in rows], name)
         print(f"\n# responses of {name} to {len(rows)} held-out prompts (greedy)", flush=True)
+        start = time.time()
         texts = generate_responses(Path(folder), [r["prompt"] for r in rows], self.s["max_new_tokens"])
+        STEP_SECONDS[f"respond {name}"] = round(time.time() - start, 1)
         write_responses(target, rows, texts, extra={"slice": [r["slice"] for r in rows]})
         return texts
 
