@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/imdb-{preset.name}")
     progress = not args.no_progress
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(preset))
     atomic_write_json(out / "versions.json", package_versions())
@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     markdown += f"\nWall time of this invocation: {elapsed:.0f} s (finished runs are reused on a rerun).\n"
     atomic_write_json(out / "results.json", {"command": command, "setup": describe(setup), "summary": summary,
-                                             "results": results, "seconds": elapsed, **extra})
+                                             "results": results, "seconds": elapsed,
+                                             "cpu_seconds": time.process_time() - c0, **extra})
     atomic_write_text(out / "results.md", markdown)
     plot(summary, results, preset.temperatures, out)
     print(markdown)

@@ -63,7 +63,7 @@ def run_one(setup, spec: MethodSpec, seed: int, data_files: dict, sample_dirs: d
     done = folder / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model, provenance, train_s = setup.model, None, 0.0
     if spec.method is not None:
         from vrpo.experiments.imdb.policy import load_policy
@@ -77,6 +77,8 @@ def run_one(setup, spec: MethodSpec, seed: int, data_files: dict, sample_dirs: d
         provenance = json.loads((Path(cfg.out) / "manifests" / "provenance.json").read_text())
     result = {"method": spec.name, "seed": seed, **evaluate_policy(setup, model, seed),
               "train_seconds": train_s, "seconds": time.perf_counter() - t0,
+              # CPU seconds of this process: on a shared machine a steadier cost measure than wall time
+              "cpu_seconds": time.process_time() - c0,
               "allowed_mismatches": (provenance or {}).get("allowed_mismatches", [])}
     atomic_write_json(done, result)
     _drop_checkpoints(folder / "model")
