@@ -100,7 +100,8 @@ def build_results(cfg: dict, main: dict, one_stage: dict, grad_var: dict, sweep:
         "replicates": cfg["replicates"], "n": cfg["n"], "seed": cfg["seed"], "ridge": cfg["ridge"]["linear_bt"],
         "primary_model": "linear_bt", "oracle_k": oracle_k,
         "command": f"vrpo reproduce bandit --replicates {cfg['replicates']} --n {cfg['n']} --seed {cfg['seed']}"
-                   + (" --quick" if cfg["quick"] else ""),
+                   + (" --quick" if cfg["quick"] else "")
+                   + (f" --ridge {cfg['ridge']['linear_bt']:g}" if cfg["ridge"]["linear_bt"] != 1e-3 else ""),
         "settings": settings_of(main),
         "methods_legend": {m: LEGEND.get(m, m) for m in next(iter(main.values())) if not m.startswith("_")},
     }

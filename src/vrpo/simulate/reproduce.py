@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the demo's quick run: 60 replicates, no one-stage model, a short n-sweep (~1 min)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the n-sweep (MSE and regret against n)")
     parser.add_argument("--no-one-stage", action="store_true", help="skip the tabular DPO (one-stage) primary model")
+    parser.add_argument("--ridge", type=float, default=1e-3,
+                        help="ridge of the linear primary model's fits and target (default 1e-3; near 0 shows the "
+                             "sigmoid control variate's divergent fits)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -48,6 +51,8 @@ def resolve(args: argparse.Namespace) -> dict:
         raise ValueError(f"--replicates {args.replicates}: expected at least 2 (variance needs two datasets)")
     if args.n < 8:
         raise ValueError(f"--n {args.n}: expected at least 8 labelled pairs per dataset")
+    if not args.ridge >= 0:
+        raise ValueError(f"--ridge {args.ridge}: expected a non-negative number")
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     bad = [s for s in settings if s not in SETTINGS]
     if bad or not settings:
@@ -55,7 +60,7 @@ def resolve(args: argparse.Namespace) -> dict:
     replicates = min(args.replicates, 60) if args.quick else args.replicates
     return {
         "replicates": replicates, "n": args.n, "seed": args.seed, "settings": settings,
-        "quick": bool(args.quick), "ridge": {"linear_bt": 1e-3, "tabular_dpo": 1e-2}, "max_k": 16,
+        "quick": bool(args.quick), "ridge": {"linear_bt": args.ridge, "tabular_dpo": 1e-2}, "max_k": 16,
         "one_stage": not (args.quick or args.no_one_stage),
         "sweep": None if args.no_sweep else {
             "settings": [s for s in (["nonlinear"] if args.quick else SWEEP_SETTINGS) if s in settings],
@@ -161,6 +166,8 @@ def _command(args) -> str:
              f"--out {args.out}"]
     if args.quick:
         parts.append("--quick")
+    if args.ridge != 1e-3:
+        parts.append(f"--ridge {args.ridge:g}")
     return " ".join(parts)
 
 
