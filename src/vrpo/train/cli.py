@@ -15,7 +15,11 @@ HELP = {
     "samples": "a `vrpo sample` folder (not needed when --data is a `vrpo score` folder)",
     "method": "dpo, vrpo, cdpo or rdpo (vrpo.train.METHODS)",
     "base_loss": "f in the soft-label loss: sigmoid (DPO), ramp (paper code), hinge, ipo",
-    "num_ref_samples": "K reference samples per prompt (default: all the data holds)",
+    "num_ref_samples": "K reference samples per prompt (default: all the data holds). Efficient K: 8 "
+                       "(88-92%% of the exact expectation's MSE reduction in the testbed; K=4: 69-78%%; "
+                       "K=2 with coefficient 1 removes nothing: see docs/variance.md)",
+    "control_variate_coef": "c in f - c l(z,g) + c mean l(z~,g~); 1 is the paper's. With only K=2, use 0.5 "
+                            "(halves the pair variance instead of removing none)",
     "prompt_truncation": "a prompt longer than --max-prompt-length: error (default) or left (keep its end)",
     "report_to": "Trainer integrations, e.g. tensorboard (default none)",
     "training_args": "JSON object of extra transformers.TrainingArguments (deepspeed, fsdp, ...)",
