@@ -189,3 +189,20 @@ def test_micro_reproduce_end_to_end_and_resume(tmp_path, monkeypatch):
     stamp = done.stat().st_mtime_ns
     assert imdb.run(args) == 0
     assert done.stat().st_mtime_ns == stamp
+
+
+def test_pretrained_policy_is_cached_and_tied_to_its_texts(reviews, tmp_path, monkeypatch):
+    from vrpo.experiments.imdb import policy
+
+    monkeypatch.setenv("VRPO_CACHE", str(tmp_path))
+    cfg = policy.PolicyConfig(vocab_size=300, n_embd=16, n_layer=1, n_head=2, seq_len=16, tokenizer_reviews=100,
+                              pretrain_tokens=1_600, batch_size=10)
+    texts = [r.text for r in reviews[:200]]
+    folder = policy.load_or_pretrain(texts, cfg, progress=False)
+    info = json.loads((folder / "pretrain.json").read_text())
+    assert info["steps"] == 10 and info["final_loss"] < np.log(300) + 0.5  # at most a uniform guess
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert policy.load_or_pretrain(texts, cfg, progress=False) == folder  # reused, not retrained
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="pre-trained on other reviews"):
+        policy.load_or_pretrain([r.text for r in reviews[200:400]], cfg, progress=False)

@@ -112,7 +112,12 @@ def load_or_pretrain(pretrain_texts: list[str], cfg: PolicyConfig, progress: boo
     from vrpo.provenance import atomic_write_json
 
     folder = cache_dir() / f"policy-{config_key(cfg)}"
+    texts_fp = hashlib.sha256("\x00".join(pretrain_texts).encode()).hexdigest()[:16]
     if (folder / "pretrain.json").exists():
+        cached_fp = json.loads((folder / "pretrain.json").read_text()).get("pretrain_texts")
+        if cached_fp not in (None, texts_fp):
+            raise ValueError(f"imdb: the cached pi_ref {folder} was pre-trained on other reviews (split sizes "
+                             "changed?); delete that folder or set VRPO_CACHE to a fresh directory")
         return folder
     tokenizer = train_tokenizer(pretrain_texts[:cfg.tokenizer_reviews], cfg.vocab_size)
     model = build_model(cfg, tokenizer)
@@ -122,7 +127,7 @@ def load_or_pretrain(pretrain_texts: list[str], cfg: PolicyConfig, progress: boo
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     atomic_write_json(tmp / "pretrain.json", {"config": asdict(cfg), "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-                                              "steps": len(losses)})
+                                              "steps": len(losses), "pretrain_texts": texts_fp})
     folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
