@@ -28,7 +28,8 @@ def train_config(setup, spec: MethodSpec, seed: int, data_file: Path, samples_di
         samples=str(samples_dir) if spec.num_ref_samples else None, base_loss=spec.base_loss,
         beta=spec.beta or p.beta, num_ref_samples=spec.num_ref_samples, learning_rate=p.learning_rate,
         num_train_epochs=p.num_train_epochs, per_device_train_batch_size=p.batch_size, seed=seed,
-        warmup_steps=0, logging_steps=5, save_steps=10_000, save_total_limit=1, ref_batch_size=64,
+        # logging every 50 steps: the per-step dicts of ~30 short runs would bury the demo's table
+        warmup_steps=0, logging_steps=50, save_steps=10_000, save_total_limit=1, ref_batch_size=64,
         # the tokenisation vrpo.sampling used for the stored log-probs (a re-tokenised sample
         # can be longer than the tokens generated): same limits, so nothing is truncated
         max_length=256 + p.max_new_tokens + 1, max_prompt_length=256,
