@@ -59,7 +59,7 @@ def test_packed_loss_equals_the_loss_on_one_sequence_at_a_time(setup, tmp_path, 
     cfg = _cfg(setup, tmp_path, method=method)
     model, tok = _build_model(cfg)
     model.eval()
-    feats, k = load_reward_features(cfg, tok)
+    feats, k, _ = load_reward_features(cfg, tok)
     trainer = _trainer_class()(model=model, args=_training_arguments(cfg, tmp_path / "ck"), train_dataset=feats,
                                rm_config=cfg, num_ref_samples=k)
     batch = PreferenceCollator(tok.pad_token_id, with_reference=k is not None)(feats[:3])
@@ -248,4 +248,4 @@ def test_samples_from_another_policy_are_refused_unless_allowed(setup, tmp_path,
     assert main(args + ["--out", str(tmp_path / "allowed"), "--allow-reference-mismatch"]) == 0
     assert "temperature 0.7" in (tmp_path / "allowed" / "README.md").read_text()
     prov = json.loads((tmp_path / "allowed" / "manifests" / "provenance.json").read_text())
-    assert prov["allowed_problems"] and prov["samples_manifest"]["from_reference_policy"] is False
+    assert prov["allowed_mismatches"] and prov["manifests"]["samples"]["from_reference_policy"] is False

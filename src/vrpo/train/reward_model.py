@@ -15,11 +15,10 @@ config.yaml).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 __all__ = [
     "RM_METHOD_NAMES",
@@ -27,6 +26,7 @@ __all__ = [
     "rm_method",
     "train_reward_model",
     "load_reward_features",
+    "check_reward_provenance",
     "pair_margins",
     "reward_accuracy",
     "margin_variance_across_seeds",
@@ -64,7 +64,7 @@ class RewardModelConfig:
     out: str = ""
     method: str = "bt"  # bt (Bradley-Terry) or vrpo
     samples: Optional[str] = None  # a `vrpo sample` folder: joined by prompt_id, its manifest checked and recorded
-    ref_model: Optional[str] = None  # pi_ref, to check that the samples were drawn from it
+    ref_model: Optional[str] = None  # pi_ref, to check the samples/pairs were drawn from it (default: model)
     allow_reference_mismatch: bool = False
     base_loss: str = "sigmoid"  # f in l(z, p); "ramp" is bounded (see vrpo.losses)
     num_ref_samples: Optional[int] = None  # K (default: as many as every row holds, >= 2)
@@ -108,49 +108,52 @@ class RewardModelConfig:
 
 
 # --------------------------------------------------------------------------------------
-# Data: `vrpo train`'s plumbing (vrpo.data, vrpo.train.collator), unchanged
+# Data and provenance: `vrpo train`'s plumbing (vrpo.train.run, vrpo.train.collator), unchanged
 # --------------------------------------------------------------------------------------
-def _resolve_data(path: str) -> tuple[Path, dict | None]:
-    """A `vrpo score` folder means its data.parquet (and its manifest); anything else as given."""
-    p = Path(path)
-    if p.is_dir() and (p / "data.parquet").is_file():
-        manifest = json.loads((p / "manifest.json").read_text()) if (p / "manifest.json").is_file() else None
-        return p / "data.parquet", manifest
-    return p, None
+def pipeline_view(cfg: "RewardModelConfig"):
+    """``cfg`` as vrpo.train.run's data and provenance helpers read a ``VRPOConfig``: the same
+    field names, with ``method`` mapped to its ``vrpo.train.METHODS`` key."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(data=cfg.data, samples=cfg.samples, method=RM_METHOD_NAMES[cfg.method],
+                           allow_reference_mismatch=cfg.allow_reference_mismatch)
 
 
-def load_reward_features(cfg: "RewardModelConfig", tokenizer) -> tuple[list[dict], int | None]:
-    """Tokenised features of the preference data (``vrpo.train.collator.build_features``) and K.
+def load_reward_features(cfg: "RewardModelConfig", tokenizer) -> tuple[list[dict], int | None, dict]:
+    """Tokenised features of the preference data (``build_features``), K, and the manifests met.
 
-    For vrpo the rows need ``aux_prob``, ``ref_samples`` (in the data, or joined from
-    ``cfg.samples`` by prompt_id) and ``ref_aux_prob``: the output of ``vrpo score``.
+    Data as ``vrpo train`` reads it (``vrpo.train.run.load_training_rows``): a preference
+    file, a `vrpo score` folder or a `vrpo label` folder; for vrpo the rows need
+    ``aux_prob``, ``ref_samples`` (in the data, or joined from ``cfg.samples`` by prompt_id)
+    and ``ref_aux_prob``.
     """
-    from vrpo.data import load_preferences
-    from vrpo.train.collator import attach_reference_samples, build_features, default_num_ref_samples
+    from vrpo.train.collator import build_features, default_num_ref_samples
+    from vrpo.train.run import load_training_rows
 
     method = rm_method(cfg.method)
-    path, _ = _resolve_data(cfg.data)
-    rows = load_preferences(path, tokenizer).to_list()
+    rows, manifests = load_training_rows(pipeline_view(cfg), tokenizer)
     k = None
     if method.needs_reference_samples:
-        if cfg.samples is not None:
-            rows = attach_reference_samples(rows, _read_samples_table(cfg.samples), str(cfg.samples))
-        k = cfg.num_ref_samples or default_num_ref_samples(rows, str(path))
+        k = cfg.num_ref_samples or default_num_ref_samples(rows, cfg.data)
     features = build_features(rows, tokenizer, cfg, with_reference=method.needs_reference_samples,
-                              num_ref_samples=k, source=str(path))
+                              num_ref_samples=k, source=cfg.data)
     for f in features:  # a reward model needs no reference log-probs: NaN marks them unused
         if k and f.get("ref_logps") is None:
             f["ref_logps"] = [math.nan] * k
-    return features, k
+    return features, k, manifests
 
 
-def _read_samples_table(folder: str) -> list[dict]:
-    import pyarrow.parquet as pq
+def check_reward_provenance(cfg: "RewardModelConfig", manifests: dict) -> dict:
+    """``vrpo train``'s check (``vrpo.train.run.check_provenance``) against pi_ref =
+    ``cfg.ref_model`` or, as there, the initialisation: reference samples and labelled pairs
+    must come from it, else a one-line refusal unless ``allow_reference_mismatch``."""
+    from vrpo.provenance import fingerprint_data, fingerprint_model, fingerprint_tokenizer
+    from vrpo.train.run import check_provenance
 
-    path = Path(folder) / "samples.parquet"
-    if not path.is_file():
-        raise ValueError(f"--samples: {path} not found; expected a folder written by `vrpo sample`")
-    return pq.read_table(path).to_pylist()
+    ref_path = cfg.ref_model or cfg.model
+    problems = check_provenance(pipeline_view(cfg), manifests, fingerprint_model(ref_path), fingerprint_tokenizer(ref_path))
+    return {"reference_model": ref_path, "manifests": manifests, "allowed_mismatches": problems,
+            "data_fingerprint": fingerprint_data(cfg.data)}
 
 
 def unpack_rewards(rewards, batch_size: int, k: int | None):
@@ -236,24 +239,6 @@ def _build_model(cfg: RewardModelConfig, tokenizer=None):
     return model, tokenizer
 
 
-def _check_provenance(cfg: RewardModelConfig, data_manifest: dict | None) -> dict:
-    """Samples (and scored data) must come from pi_ref; returns what was checked and allowed."""
-    from vrpo.provenance import check_reference, fingerprint_model, fingerprint_tokenizer, read_manifest
-
-    record: dict[str, Any] = {"samples_manifest": None, "data_manifest": data_manifest, "allowed_problems": []}
-    if cfg.samples is None:
-        return record
-    manifest = read_manifest(cfg.samples)
-    record["samples_manifest"] = manifest
-    if cfg.ref_model:
-        model_fp, tok_fp = fingerprint_model(cfg.ref_model), fingerprint_tokenizer(cfg.ref_model)
-    else:  # no pi_ref given: still refuse samples that were not drawn from their own model at T = 1
-        model_fp, tok_fp = manifest.get("model_fingerprint", ""), None
-    record["allowed_problems"] = check_reference(manifest, model_fp, tok_fp,
-                                                 allow_mismatch=cfg.allow_reference_mismatch, what="reference samples")
-    return record
-
-
 def train_reward_model(cfg: RewardModelConfig, *, resume: bool = False) -> Path:
     """Fit r_phi with ``cfg.method``; return the run folder (a reward-model folder for ``vrpo rl``).
 
@@ -263,7 +248,7 @@ def train_reward_model(cfg: RewardModelConfig, *, resume: bool = False) -> Path:
     """
     import yaml
 
-    from vrpo.provenance import atomic_write_json, atomic_write_text, fingerprint_data, package_versions
+    from vrpo.provenance import atomic_write_json, atomic_write_text, package_versions
     from vrpo.train.collator import PreferenceCollator
     from vrpo.train.reward_run import resume_point, reward_model_card
     from vrpo.train.trainer import MetricsJsonlCallback
@@ -271,11 +256,9 @@ def train_reward_model(cfg: RewardModelConfig, *, resume: bool = False) -> Path:
     cfg.validate()
     out = Path(cfg.out)
     tokenizer = _load_tokenizer(cfg)
-    features, k = load_reward_features(cfg, tokenizer)  # bad data fails here, before any model is loaded
-    data_path, data_manifest = _resolve_data(cfg.data)
-    provenance = _check_provenance(cfg, data_manifest)
+    features, k, manifests = load_reward_features(cfg, tokenizer)  # bad data fails here, before any model loads
+    provenance = check_reward_provenance(cfg, manifests)
     model, _ = _build_model(cfg, tokenizer)
-    provenance["data_fingerprint"] = fingerprint_data(data_path)
     args = _training_arguments(cfg, out / "checkpoints")
     main = args.process_index == 0  # under `accelerate launch`, one process writes the run record
     if main:

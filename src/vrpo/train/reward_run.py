@@ -3,7 +3,6 @@ where to resume, the reward model's card. Metrics logging is ``vrpo train``'s
 (``vrpo.train.trainer.MetricsJsonlCallback``)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,8 @@ def last_checkpoint(folder: str | Path) -> Path | None:
 def reward_model_card(cfg: Any, num_ref_samples: int | None, provenance: dict) -> str:
     objective = {"bt": "Bradley-Terry: f(z+-), vrpo.losses.preference_loss",
                  "vrpo": "VRPO: f(z+-) - l(z+-, g+-) + mean_{j<k} l(z~_jk, g~_jk), vrpo.losses.vrpo_loss"}
-    allowed = provenance.get("allowed_problems") or []
-    samples = provenance.get("samples_manifest") or {}
+    allowed = provenance.get("allowed_mismatches") or []
+    samples = (provenance.get("manifests") or {}).get("samples") or {}
     return f"""---
 library_name: transformers
 tags: [vrpo, reward-model, {cfg.method}]
@@ -47,7 +46,8 @@ reward. Use it with `vrpo rl --reward-model THIS_FOLDER` or `vrpo best-of-n`.
 - Initialised from: `{cfg.model}`
 - Data: `{cfg.data}` (sha256 {str(provenance.get('data_fingerprint'))[:16]})
 - Reference samples per prompt: {num_ref_samples or 'none (not used by this method)'}
-- Samples: `{cfg.samples}` from model {str(samples.get('model_fingerprint'))[:16]}, from pi_ref: {samples.get('from_reference_policy')}
+- Reference policy checked against: `{provenance.get('reference_model')}`
+- Samples: `{cfg.samples}` from model {str(samples.get('model_fingerprint'))[:16]}, drawn as pi_ref draws: {samples.get('from_reference_policy')}
 - Provenance problems allowed (--allow-reference-mismatch): {'; '.join(allowed) if allowed else 'none'}
 - Learning rate {cfg.learning_rate}, batch {cfg.per_device_train_batch_size} prompts per device, seed {cfg.seed}
 
