@@ -84,8 +84,9 @@ def test_best_of_n_command(tiny, tmp_path):
     assert json.loads((tmp_path / "bon" / "manifest.json").read_text())["n"] == 3
 
 
-def test_rl_rloo_end_to_end(tiny, tmp_path):
-    """Two RLOO steps on CPU: the policy moves, metrics and provenance are written."""
+@pytest.mark.parametrize("engine", ["rloo", "grpo"])
+def test_rl_end_to_end(tiny, tmp_path, engine):
+    """Two RLOO (GRPO) steps on CPU: the policy moves, metrics and provenance are written."""
     from safetensors.torch import load_file
 
     prompts = tmp_path / "prompts.jsonl"
@@ -93,7 +94,7 @@ def test_rl_rloo_end_to_end(tiny, tmp_path):
     out = tmp_path / "run"
     assert main(["rl", "--reward-model", str(tiny["rm"]), "--model", str(tiny["policy"]), "--prompts", str(prompts),
                  "--out", str(out), "--num-generations", "2", "--batch-size", "4", "--max-completion-length", "6",
-                 "--max-steps", "2", "--learning-rate", "1e-3"]) == 0
+                 "--max-steps", "2", "--learning-rate", "1e-3", "--engine", engine]) == 0
     before, after = load_file(tiny["policy"] / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
