@@ -78,3 +78,15 @@ def test_gate_rejects_folder_without_responses_or_model(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code = main(["gate", "--policy", str(tmp_path / "empty"), "--baseline", str(tmp_path / "baseline"), "--data", str(data)])
     assert code == 2 and "responses.jsonl" in capsys.readouterr().err
+
+
+def test_gate_generates_responses_of_model_folders(tmp_path, capsys):
+    from vrpo.testing import build_tiny_causal_lm
+
+    _, data = write_case(tmp_path, n_per_slice=1)
+    model = build_tiny_causal_lm(tmp_path / "tiny", [r["message"] for r in patient_messages(3, seed=0)], vocab_size=300)
+    code = main(["gate", "--policy", str(model), "--baseline", str(model), "--data", str(data),
+                 "--max-new-tokens", "4", "--out", str(tmp_path / "gate")])
+    assert code == 0 and "GATE PASSED" in capsys.readouterr().out  # a model against itself never regresses
+    written = [json.loads(line) for line in (tmp_path / "gate" / "responses-policy.jsonl").read_text().splitlines()]
+    assert len(written) == 6 and all(isinstance(r["response"], str) for r in written)
