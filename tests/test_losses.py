@@ -6,7 +6,15 @@ import torch
 from vrpo import losses as L
 from tests.reference_impl import BASES, vrpo_one, ell
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Exact comparisons in float64, restored afterwards (xdist workers share a process)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 # ---------------------------------------------------------------- hand-computed values
