@@ -206,3 +206,29 @@ def test_pretrained_policy_is_cached_and_tied_to_its_texts(reviews, tmp_path, mo
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="pre-trained on other reviews"):
         policy.load_or_pretrain([r.text for r in reviews[200:400]], cfg, progress=False)
+
+
+def test_report_from_hand_made_results(tmp_path):
+    """summarize -> markdown -> plots on known per-prompt scores (no training)."""
+    rng = np.random.default_rng(0)
+    temps = (0.0, 1.0)
+
+    def result(level, kl):
+        return {"scores": {str(t): list(np.clip(level + 0.05 * rng.normal(size=40), 0, 1)) for t in temps},
+                "mean_score": {str(t): level for t in temps}, "kl": kl}
+
+    results = {"sft": {s: result(0.5, 0.0) for s in range(3)},
+               "dpo": {s: result(0.6, 2.0) for s in range(3)},
+               "dpo@beta=0.05": {s: result(0.65, 6.0) for s in range(3)},
+               methods.HEADLINE: {s: result(0.8, 3.0) for s in range(3)}}
+    summary = report.summarize(results, temps, n_boot=200)
+    comp = summary["comparisons"][f"{methods.HEADLINE} vs dpo"]["1.0"]
+    assert comp["diff_ci"][0] > 0.15 and comp["ci_low"] > 0.9  # 0.8 vs 0.6 with noise 0.05: clearly better
+    assert summary["shape"]["vrpo_oracle_above_dpo_every_temperature_ci_excludes_zero"] is True
+    assert report.frontier_points(summary, "1.0")["dpo"] == [(2.0, 0.6), (6.0, 0.65)]
+    md = report.results_markdown(summary, temps, "vrpo reproduce imdb --preset quick",
+                                 {"preset": "quick", "num_seeds": 3, "num_eval_prompts": 40})
+    assert "| DPO (sigmoid) | 0.600 ± 0.000 | 0.600 ± 0.000 | 2.00 | 0.804 / 0.811" in md
+    assert "DPO (sigmoid), beta=0.05" in md and "`vrpo reproduce imdb --preset quick`" in md
+    paths = report.plot(summary, results, temps, tmp_path)
+    assert all(p.stat().st_size > 1000 for p in paths)

@@ -115,6 +115,15 @@ def results_markdown(summary: dict, temperatures, command: str, meta: dict) -> s
     return "\n".join(lines)
 
 
+def frontier_points(summary: dict, temperature: str) -> dict:
+    """``{method: [(mean KL, mean score), ...]}`` sorted by KL, for methods run at several
+    betas (rows ``NAME`` and ``NAME@beta=B``): the reward-vs-KL frontier."""
+    by_base: dict = {}
+    for m, row in summary["table"].items():
+        by_base.setdefault(m.split("@")[0], []).append((row["kl"]["mean"], row[temperature]["mean"]))
+    return {m: sorted(p) for m, p in by_base.items() if len(p) > 1}
+
+
 def plot(summary: dict, results: dict, temperatures, out: Path) -> list[Path]:
     """score_vs_temperature.png (main rows) and score_vs_kl.png (every run, T = 1)."""
     import matplotlib
@@ -145,6 +154,8 @@ def plot(summary: dict, results: dict, temperatures, out: Path) -> list[Path]:
         ys = [by_seed[s]["mean_score"]["1.0"] for s in sorted(by_seed)] if "1.0" in temps else \
             [by_seed[s]["mean_score"][temps[-1]] for s in sorted(by_seed)]
         ax.scatter(xs, ys, s=18, label=m)
+    for base, points in frontier_points(summary, temps[-1]).items():
+        ax.plot([k for k, _ in points], [v for _, v in points], "-", alpha=0.6, label=f"{base}: frontier over beta")
     ax.set_xlabel("KL(pi || pi_ref) (nats per response, from T=1 samples)")
     ax.set_ylabel(f"gold score at T={float(temps[-1]):g}")
     ax.legend(fontsize=6)
