@@ -1,6 +1,4 @@
 """vrpo.evaluate: statistics checked against hand values and known distributions."""
-import math
-
 import numpy as np
 import pytest
 

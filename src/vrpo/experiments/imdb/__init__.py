@@ -49,7 +49,6 @@ def _preset_from_args(args):
 
 def run(args: argparse.Namespace) -> int:
     import importlib
-    import json
     import shlex
     import sys
     import time

@@ -9,8 +9,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from vrpo.experiments.imdb.methods import MethodSpec
 
 
@@ -115,7 +113,3 @@ def run_all(setup, specs: list[MethodSpec], progress: bool = True) -> dict:
         results[spec.name][seed] = run_one(setup, spec, seed, files_by_seed[seed], sample_dirs)
     return results
 
-
-def per_prompt_scores(results: dict, method: str, temperature: str) -> np.ndarray:
-    """[seeds, prompts] gold scores of one method at one temperature."""
-    return np.array([results[method][s]["scores"][temperature] for s in sorted(results[method])])
