@@ -10,6 +10,7 @@ from pathlib import Path
 # Each step: the argv of a `vrpo` command; "{out}" is replaced by the demo's output folder.
 DEMO_STEPS: list[list[str]] = [
     ["reproduce", "bandit", "--quick", "--out", "{out}/bandit"],
+    ["reproduce", "imdb", "--preset", "quick", "--out", "{out}/imdb"],
 ]
 
 
