@@ -126,3 +126,21 @@ def test_diagnose_missing_file_and_column(tmp_path, capsys):
     _scored_frame(5).drop(columns=["ref_aux_prob"]).to_parquet(tmp_path / "data.parquet")
     assert main(["diagnose", str(tmp_path / "data.parquet")]) == 2
     assert "ref_aux_prob" in capsys.readouterr().err
+
+
+def test_diagnose_reads_jsonl_like_parquet(tmp_path, capsys):
+    """The same rows as JSON lines give the same numbers; a broken file is a one-line error."""
+    from vrpo.cli import main
+
+    frame = _scored_frame(5)
+    frame.to_parquet(tmp_path / "data.parquet")
+    frame.to_json(tmp_path / "data.jsonl", orient="records", lines=True)
+    assert main(["diagnose", str(tmp_path / "data.parquet"), "--json", str(tmp_path / "a.json")]) == 0
+    assert main(["diagnose", str(tmp_path / "data.jsonl"), "--json", str(tmp_path / "b.json")]) == 0
+    a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
+    assert a["removable_share"] == pytest.approx(b["removable_share"])
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    capsys.readouterr()
+    assert main(["diagnose", str(tmp_path / "bad.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.jsonl" in err

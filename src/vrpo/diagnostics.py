@@ -131,7 +131,8 @@ def scores_at_reference(chosen_feat, rejected_feat, aux_prob, ref_feat, ref_aux_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="scored data: DIR/data.parquet written by `vrpo score` (or its folder)")
+    parser.add_argument("data", help="scored data: DIR/data.parquet written by `vrpo score` (or its folder), "
+                        "or a .jsonl file with the same columns")
     parser.add_argument("--k", default="2,4,8,16", help="comma-separated K to predict for (default 2,4,8,16)")
     parser.add_argument("--features", type=int, default=4096,
                         help="hashed text features of the linear-reward proxy (default 4096)")
@@ -157,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--features {args.features}: expected at least 2")
     import pandas as pd
 
-    df = pd.read_parquet(path)
+    try:
+        df = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_parquet(path)
+    except ValueError as e:
+        raise ValueError(f"data: {path} could not be read as {'JSON lines' if path.suffix == '.jsonl' else 'Parquet'} ({e})") from None
     missing = [c for c in ("chosen", "rejected", "aux_prob", "ref_samples", "ref_aux_prob") if c not in df.columns]
     if missing:
         raise ValueError(f"data: {path} lacks column(s) {missing}; expected the scored data of `vrpo score`")
