@@ -232,3 +232,52 @@ def test_report_from_hand_made_results(tmp_path):
     assert "DPO (sigmoid), beta=0.05" in md and "`vrpo reproduce imdb --preset quick`" in md
     paths = report.plot(summary, results, temps, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_two_stage_settings_error_names_the_preset():
+    from vrpo.experiments.imdb import EXTRA_SECTIONS, two_stage
+
+    assert EXTRA_SECTIONS["two_stage"] == "vrpo.experiments.imdb.two_stage:two_stage_section"
+    assert set(two_stage.SETTINGS) == set(presets.PRESETS)  # every preset has its two-stage rows
+    with pytest.raises(ValueError, match="--preset huge"):
+        two_stage.get_settings("huge")
+
+
+@pytest.mark.slow
+def test_micro_reproduce_has_the_two_stage_section(tmp_path, monkeypatch):
+    """results.json["two_stage"] and the results.md section of a micro run (SFT only, 2 seeds)."""
+    import argparse
+
+    from vrpo.experiments import imdb
+    from vrpo.experiments.imdb.two_stage import SETTINGS
+
+    monkeypatch.setenv("VRPO_CACHE", str(tmp_path / "cache"))
+    parser = argparse.ArgumentParser()
+    imdb.add_arguments(parser)
+    out = tmp_path / "imdb"
+    assert imdb.run(parser.parse_args(["--preset", "micro", "--out", str(out), "--methods", "sft",
+                                       "--no-progress"])) == 0
+    ts = json.loads((out / "results.json").read_text())["two_stage"]
+    micro, settings = presets.PRESETS["micro"], SETTINGS["micro"]
+    seeds = {str(s) for s in micro.seeds}
+    assert set(ts["rows"]) == set(settings.rows) and {"bt", "vrpo"} <= {r["method"] for r in ts["rows"].values()}
+    assert 0.5 <= ts["rm_accuracy_ceiling"] <= 1.0 and ts["num_eval_pairs"] == micro.num_eval_prompts
+    for name, row in ts["rows"].items():
+        assert row["base_loss"] == settings.rows[name].get("base_loss", "sigmoid")
+        assert row["K"] == settings.rows[name].get("num_ref_samples")
+        assert set(row["rm_accuracy"]) == seeds and set(row["best_of_n_gold"]) == seeds
+        # expected agreement with p* can never beat the Bayes rule; best-of-n never beats the judge's own pick
+        assert all(0.0 <= a <= ts["rm_accuracy_ceiling"] + 1e-9 for a in row["rm_accuracy"].values())
+        assert all(0.0 <= g <= ts["best_of_n_gold_by_gold"] + 1e-9 for g in row["best_of_n_gold"].values())
+        spread = row["reward_spread"]
+        assert spread["num_seeds"] == len(seeds) and 0.0 <= spread["sign_disagreement"] <= 1.0
+        assert spread["normalized_margin_variance"] >= 0.0
+        policy = row["policy"]  # micro runs one RLOO step on the first seed
+        assert set(policy["mean_score"]) == {str(s) for s in settings.rl_seeds}
+        for scores in policy["mean_score"].values():
+            assert set(scores) == {str(float(t)) for t in micro.temperatures}
+            assert all(0.0 <= v <= 1.0 for v in scores.values())
+    md = (out / "results.md").read_text()
+    assert "## Two-stage rows (issue 7)" in md
+    assert all(f"| {name} | " in md.split("## Two-stage rows")[1] for name in settings.rows)
+    assert (out / "two_stage" / "vrpo-ramp-k4" / "seed1" / "reward_model" / "config.yaml").exists()

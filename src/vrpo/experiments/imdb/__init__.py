@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-EXTRA_SECTIONS: dict[str, str] = {}
+EXTRA_SECTIONS: dict[str, str] = {"two_stage": "vrpo.experiments.imdb.two_stage:two_stage_section"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
