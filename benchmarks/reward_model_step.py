@@ -106,4 +106,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except ValueError as e:  # bad flags: one line, no traceback
+        raise SystemExit(f"reward_model_step: error: {e}") from None

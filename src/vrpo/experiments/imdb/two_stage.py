@@ -92,7 +92,7 @@ def _spec(setup, settings: TwoStageSettings):
                         rl_seeds=settings.rl_seeds)
 
 
-def _eval_candidates(setup, folder: Path, n: int):
+def eval_candidates(setup, folder: Path, n: int):
     """n pi_ref samples (T = 1) of each eval prompt, drawn once by ``vrpo.sampling`` (resumable)."""
     import json
 
@@ -119,7 +119,7 @@ def two_stage_section(setup, out) -> dict:
     folder = Path(out) / "two_stage"
     folder.mkdir(parents=True, exist_ok=True)
     sample_dirs = draw_samples(setup)  # reuses the one-stage rows' samples (resumable, already drawn)
-    prompts, candidates = _eval_candidates(setup, folder, settings.best_of_n)
+    prompts, candidates = eval_candidates(setup, folder, settings.best_of_n)
     a, b = [c[0] for c in candidates], [c[1] for c in candidates]
     p_star = OracleAux(setup.reviewers).predict_proba(prompts, a, b)
     pairs = EvalPairs(prompts, a, b, true_prob=p_star)
@@ -134,7 +134,8 @@ def two_stage_section(setup, out) -> dict:
         model, _ = load_policy(policy_dir)
         return gold_at_temperatures(setup, model, seed)
 
-    res = run_two_stage(_spec(setup, settings), base_model=str(setup.policy_dir), out=folder,
+    spec = _spec(setup, settings)
+    res = run_two_stage(spec, base_model=str(setup.policy_dir), out=folder,
                         data_for_seed=data_for_seed, eval_pairs=pairs,
                         rl_prompts=str(setup.out / "data" / "prompts.jsonl"), evaluate_policy=evaluate_policy,
                         best_of_n_candidates=(prompts, candidates), gold_score=setup.gold_score,
@@ -148,7 +149,7 @@ def two_stage_section(setup, out) -> dict:
         "best_of_n": settings.best_of_n,
     }
     rows = {name: _row_summary(setup, settings, name, r) for name, r in res.items()}
-    data = {"settings": asdict(settings), "reward_model": _spec(setup, settings).reward_model, **context,
+    data = {"settings": asdict(settings), "reward_model": spec.reward_model, **context,
             "rows": rows, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
     return {"json": data, "markdown": section_markdown(data, [str(float(t)) for t in setup.preset.temperatures],
                                                        setup.preset.seeds)}
