@@ -12,21 +12,21 @@ import importlib
 import sys
 
 # name -> (module defining add_arguments/run, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("vrpo.experiments.demo", "run the main demonstration (what `make demo` runs)"),
-    "reproduce": ("vrpo.experiments.reproduce", "reproduce an experiment: bandit (the statistical testbed), imdb, ..."),
+COMMANDS: dict[str, tuple[str, str]] = {  # in workflow order (the order `vrpo --help` lists them)
+    "sample": ("vrpo.sampling", "draw K reference samples per prompt from pi_ref with exact log-probs (resumable)"),
+    "score": ("vrpo.scoring", "attach auxiliary probabilities g to observed and reference pairs"),
+    "fit-aux": ("vrpo.fit_aux", "fit an auxiliary preference model g (GPM / Bradley-Terry) by cross-fitting; report calibration"),
+    "audit": ("vrpo.audit", "rank labelled pairs by how strongly g disagrees with the label (noisy or disputed), by slice"),
+    "diagnose": ("vrpo.diagnostics", "estimate the share of loss-gradient variance VRPO can remove for each K (label noise vs pair)"),
+    "train": ("vrpo.train.cli", "train a causal LM with --method dpo|vrpo|cdpo|rdpo (transformers.Trainer)"),
     "train-rm": ("vrpo.train.reward_cli", "fit a reward model r(x, y) with the Bradley-Terry or the VRPO loss"),
     "rl": ("vrpo.rl", "policy stage of two-stage VRPO: RLOO/GRPO (TRL) on a reward model"),
     "best-of-n": ("vrpo.best_of_n", "keep the reference sample a reward model scores highest, per prompt"),
-    "tiny-model": ("vrpo.tiny_model", "build a tiny random GPT-2 + tokenizer offline (quickstart, tests)"),
-    "sample": ("vrpo.sampling", "draw K reference samples per prompt from pi_ref with exact log-probs (resumable)"),
-    "score": ("vrpo.scoring", "attach auxiliary probabilities g to observed and reference pairs"),
-    "train": ("vrpo.train.cli", "train a causal LM with --method dpo|vrpo|cdpo|rdpo (transformers.Trainer)"),
-    "fit-aux": ("vrpo.fit_aux", "fit an auxiliary preference model g (GPM / Bradley-Terry) by cross-fitting; report calibration"),
-    "audit": ("vrpo.audit", "rank labelled pairs by how strongly g disagrees with the label (noisy or disputed), by slice"),
-    "gate": ("vrpo.gate", "deployment gate: fail when any slice's rubric pass rate or win rate regresses vs a baseline"),
     "label": ("vrpo.label", "label pairs of reference samples with a simulated reviewer panel (p* kept for evaluation)"),
-    "diagnose": ("vrpo.diagnostics", "estimate the share of loss-gradient variance VRPO can remove for each K (label noise vs pair)"),
+    "gate": ("vrpo.gate", "deployment gate: fail when any slice's rubric pass rate or win rate regresses vs a baseline"),
+    "reproduce": ("vrpo.experiments.reproduce", "reproduce an experiment: bandit (the statistical testbed), imdb, scheduling"),
+    "demo": ("vrpo.experiments.demo", "run the main demonstration (what `make demo` runs)"),
+    "tiny-model": ("vrpo.tiny_model", "build a tiny random GPT-2 + tokenizer offline (quickstart, tests)"),
 }
 
 
