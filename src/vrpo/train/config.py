@@ -3,32 +3,41 @@
 The same dataclass backs ``vrpo train`` (flags and ``--config FILE.yaml``) and the Python
 API (``vrpo.train.train(VRPOConfig(...))``); the resolved values are written to the run
 folder as ``config.yaml``.
+
+The settings ``vrpo train-rm`` shares (``vrpo.train.reward_model.RewardModelConfig``) live
+once in :class:`TrainingSettings`, the base of both; a subclass overrides a default where
+its stage needs another.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
+
+_Settings = TypeVar("_Settings", bound="TrainingSettings")
 
 
 @dataclass
-class VRPOConfig:
+class TrainingSettings:
+    """The settings ``vrpo train`` (:class:`VRPOConfig`) and ``vrpo train-rm``
+    (``RewardModelConfig``) share, with one name, meaning and check each.
+
+    Not a config of its own: ``method`` and ``validate``'s method check are the subclass's.
+    """
+
     # what to train, on what, where
-    model: str = ""  # policy initialisation AND reference model pi_ref (a save_pretrained folder)
+    model: str = ""  # the initialisation (a save_pretrained folder); `vrpo train`: also pi_ref unless ref_model
     data: str = ""  # preference data (JSONL/Parquet/CSV/saved folder) or a `vrpo score` folder
     out: str = ""  # run folder
-    samples: Optional[str] = None  # a `vrpo sample` folder (reference samples + their ref log-probs)
+    samples: Optional[str] = None  # a `vrpo sample` folder (reference samples + manifest; joined by prompt_id)
     ref_model: Optional[str] = None  # pi_ref when it differs from the initialisation (default: model)
-    method: str = "vrpo"  # a key of vrpo.train.METHODS: dpo, vrpo, cdpo, rdpo
+    method: str = "vrpo"  # the objective; the subclass's _check_method says which names it knows
     # the objective
     base_loss: str = "sigmoid"  # f in l(z, p); "ramp" is the paper code's bounded choice
-    beta: float = 0.1  # r = beta * (log pi - log pi_ref); 0.1 as in DPO and the paper
     num_ref_samples: Optional[int] = None  # K reference samples per prompt (default: as many as the data holds)
     control_variate_coef: float = 1.0  # c; 1 is the paper's estimator
-    label_smoothing: float = 0.1  # cDPO's epsilon
-    flip_rate: float = 0.1  # rDPO's label-flip rate
-    # tokenisation (vrpo.data.tokenize_completions)
+    # tokenisation (vrpo.data.tokenize_completions); a reward model's policy stage scores with the same
     max_length: int = 512
     max_prompt_length: int = 256
     prompt_truncation: str = "error"  # "error" or "left" (keep the prompt's end)
@@ -46,9 +55,60 @@ class VRPOConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
     report_to: list = field(default_factory=lambda: ["none"])
-    bf16: bool = False
-    disable_dropout: bool = True  # reference log-probs are deterministic; the policy's should be too
+    # the policy's log-probs should be as deterministic as the reference's, and a reward model's pair
+    # should differ by the text only, not by dropout noise
+    disable_dropout: bool = True
     training_args: dict = field(default_factory=dict)  # any other TrainingArguments (deepspeed, fsdp, ...)
+    # provenance and safety
+    allow_reference_mismatch: bool = False
+    trust_remote_code: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[_Settings], values: dict[str, Any], source: str = "config") -> _Settings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown setting {unknown[0]!r}; expected one of {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls: type[_Settings], path: str | Path) -> _Settings:
+        return cls.from_dict(read_yaml(path), source=str(path))
+
+    def _check_method(self) -> None:
+        """Raise ValueError unless ``method`` names an objective of this stage."""
+        raise NotImplementedError
+
+    def validate(self: _Settings) -> _Settings:
+        from vrpo.losses import BASE_LOSSES
+
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name}: required")
+        self._check_method()
+        if self.base_loss not in BASE_LOSSES:
+            raise ValueError(f"--base-loss {self.base_loss}: unknown; expected one of {sorted(BASE_LOSSES)}")
+        if self.num_ref_samples is not None and self.num_ref_samples < 2:
+            raise ValueError(f"--num-ref-samples {self.num_ref_samples}: expected at least 2")
+        if self.prompt_truncation not in ("error", "left"):
+            raise ValueError(f"--prompt-truncation {self.prompt_truncation}: expected 'error' or 'left'")
+        return self
+
+
+@dataclass
+class VRPOConfig(TrainingSettings):
+    """Everything ``vrpo train`` needs: :class:`TrainingSettings` and the policy stage's own settings."""
+
+    method: str = "vrpo"  # a key of vrpo.train.METHODS: dpo, vrpo, cdpo, rdpo
+    # the objective, continued
+    beta: float = 0.1  # r = beta * (log pi - log pi_ref); 0.1 as in DPO and the paper
+    label_smoothing: float = 0.1  # cDPO's epsilon
+    flip_rate: float = 0.1  # rDPO's label-flip rate
+    # optimisation, continued
+    bf16: bool = False
     # LoRA (peft): lora_r > 0 turns it on
     lora_r: int = 0
     lora_alpha: int = 16
@@ -57,41 +117,17 @@ class VRPOConfig:
     # reference log-probs
     ref_batch_size: int = 8
     cache_dir: Optional[str] = None  # default: OUT/cache
-    # provenance and safety
-    allow_reference_mismatch: bool = False
-    trust_remote_code: bool = False
+    # the run
     resume: bool = True  # continue from the last checkpoint in OUT when there is one
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "VRPOConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown setting {unknown[0]!r}; expected one of {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "VRPOConfig":
-        return cls.from_dict(read_yaml(path), source=str(path))
-
-    def validate(self) -> "VRPOConfig":
-        from vrpo.losses import BASE_LOSSES
+    def _check_method(self) -> None:
         from vrpo.train.methods import METHODS
 
-        for name in ("model", "data", "out"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name}: required")
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method}: unknown; expected one of {sorted(METHODS)}")
-        if self.base_loss not in BASE_LOSSES:
-            raise ValueError(f"--base-loss {self.base_loss}: unknown; expected one of {sorted(BASE_LOSSES)}")
-        if self.num_ref_samples is not None and self.num_ref_samples < 2:
-            raise ValueError(f"--num-ref-samples {self.num_ref_samples}: expected at least 2")
-        if self.prompt_truncation not in ("error", "left"):
-            raise ValueError(f"--prompt-truncation {self.prompt_truncation}: expected 'error' or 'left'")
+
+    def validate(self) -> "VRPOConfig":
+        super().validate()
         if self.beta <= 0:
             raise ValueError(f"--beta {self.beta}: expected a positive number")
         return self

@@ -16,9 +16,11 @@ config.yaml).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
+
+from vrpo.train.config import TrainingSettings
 
 __all__ = [
     "RM_METHOD_NAMES",
@@ -53,58 +55,22 @@ def rm_method(name: str):
 # Configuration
 # --------------------------------------------------------------------------------------
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(TrainingSettings):
     """Everything ``vrpo train-rm`` needs; saved resolved into the run folder as config.yaml.
 
-    Shared settings carry ``VRPOConfig``'s names and meaning (``vrpo train``).
+    The settings are ``vrpo train``'s (:class:`vrpo.train.config.TrainingSettings`: the same
+    names, meaning and checks); ``model`` is a causal LM folder (a fresh scalar head is added)
+    or a reward model, and for vrpo ``data`` is scored (aux_prob, ref_samples, ref_aux_prob:
+    `vrpo score`). Only these defaults differ from ``vrpo train``'s:
     """
 
-    model: str = ""  # initialisation: a causal LM folder (a fresh scalar head is added) or a reward model
-    data: str = ""  # preference pairs; for vrpo, scored data (aux_prob, ref_samples, ref_aux_prob: `vrpo score`)
-    out: str = ""
     method: str = "bt"  # bt (Bradley-Terry) or vrpo
-    samples: Optional[str] = None  # a `vrpo sample` folder: joined by prompt_id, its manifest checked and recorded
-    ref_model: Optional[str] = None  # pi_ref, to check the samples/pairs were drawn from it (default: model)
-    allow_reference_mismatch: bool = False
-    base_loss: str = "sigmoid"  # f in l(z, p); "ramp" is bounded (see vrpo.losses)
-    num_ref_samples: Optional[int] = None  # K (default: as many as every row holds, >= 2)
-    control_variate_coef: float = 1.0  # c; 1 is the paper's estimator
-    disable_dropout: bool = True  # the rewards of a pair should differ by the text only, not by dropout noise
-    # tokenisation (vrpo.data.tokenize_completions); the policy stage scores with the same
-    max_length: int = 512
-    max_prompt_length: int = 256
-    prompt_truncation: str = "error"
-    # optimisation (transformers.TrainingArguments)
-    learning_rate: float = 1e-5
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
     per_device_train_batch_size: int = 8  # prompts per step and device; each brings 2 + K sequences
-    gradient_accumulation_steps: int = 1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "linear"
-    seed: int = 0
     logging_steps: int = 10
     save_steps: int = 200
-    save_total_limit: Optional[int] = 2
-    report_to: list = field(default_factory=lambda: ["none"])
-    training_args: dict = field(default_factory=dict)  # any other TrainingArguments, passed unchanged
-    trust_remote_code: bool = False
 
-    def validate(self) -> "RewardModelConfig":
-        from vrpo.losses import BASE_LOSSES
-
-        for name in ("model", "data", "out"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name}: required")
+    def _check_method(self) -> None:
         rm_method(self.method)
-        if self.base_loss not in BASE_LOSSES:
-            raise ValueError(f"--base-loss {self.base_loss}: unknown; expected one of {sorted(BASE_LOSSES)}")
-        if self.num_ref_samples is not None and self.num_ref_samples < 2:
-            raise ValueError(f"--num-ref-samples {self.num_ref_samples}: expected at least 2")
-        if self.prompt_truncation not in ("error", "left"):
-            raise ValueError(f"--prompt-truncation {self.prompt_truncation}: expected 'error' or 'left'")
-        return self
 
 
 # --------------------------------------------------------------------------------------
