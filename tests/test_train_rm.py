@@ -159,6 +159,12 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):
         _cfg(setup, tmp_path, method="dpo").validate()
     with pytest.raises(ValueError, match="is not a model folder"):
         train_reward_model(_cfg(setup, tmp_path, model=str(tmp_path / "none")))
+    cfg_file = tmp_path / "rm.yaml"
+    cfg_file.write_text("learning_rate: 0.001\nbetta: 0.1\n")
+    rc = main(["train-rm", "--config", str(cfg_file), "--model", str(setup["model"]), "--data", str(setup["pairs"]),
+               "--out", str(tmp_path / "z")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and f"--config {cfg_file}: unknown setting 'betta'" in err, err
 
 
 @pytest.mark.slow

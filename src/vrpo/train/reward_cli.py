@@ -55,11 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from vrpo.train.reward_model import RewardModelConfig, train_reward_model
 
     values = read_yaml(args.config) if args.config else {}
-    known = {f.name for f in _config_fields()}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"--config {args.config}: unknown setting {unknown[0]!r}; expected one of {sorted(known)}")
-    values.update({name: getattr(args, name) for name in known if getattr(args, name) is not None})
-    out = train_reward_model(RewardModelConfig(**values), resume=args.resume)
+    values.update({f.name: getattr(args, f.name) for f in _config_fields() if getattr(args, f.name) is not None})
+    # flags are always known settings, so an unknown one can only come from the YAML file
+    config = RewardModelConfig.from_dict(values, source=f"--config {args.config}")
+    out = train_reward_model(config, resume=args.resume)
     print(f"reward model saved to {out}")
     return 0
