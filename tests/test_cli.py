@@ -38,3 +38,15 @@ def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["no-such-command"])
     assert e.value.code == 2
+
+
+def test_debug_switch_keeps_the_traceback(tmp_path, capsys, monkeypatch):
+    argv = ["reproduce", "bandit", "--out", str(tmp_path / "x"), "--replicates", "1"]
+    monkeypatch.delenv("VRPO_DEBUG", raising=False)
+    assert main(argv) == 2  # default: one line, exit status 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="--replicates 1"):
+        main(["--debug", *argv])
+    monkeypatch.setenv("VRPO_DEBUG", "1")
+    with pytest.raises(ValueError, match="--replicates 1"):
+        main(argv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module defining add_arguments/run, one-line help)
@@ -43,6 +44,9 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     from vrpo import __version__
 
     parser.add_argument("--version", action="version", version=f"vrpo {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message "
+                        "(also: environment variable VRPO_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -60,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    debug = args.debug or os.environ.get("VRPO_DEBUG", "") not in ("", "0")
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except CLIError as e:
-        print(f"vrpo {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # our validation errors are one line that names what is wrong
+    except (CLIError, ValueError) as e:  # our validation errors: one line naming what is wrong
+        if debug:  # a bug that happens to raise ValueError keeps its traceback here
+            raise
         print(f"vrpo {args.command}: error: {e}", file=sys.stderr)
         return 2
