@@ -220,10 +220,16 @@ def test_report_from_hand_made_results(tmp_path):
     results = {"sft": {s: result(0.5, 0.0) for s in range(3)},
                "dpo": {s: result(0.6, 2.0) for s in range(3)},
                "dpo@beta=0.05": {s: result(0.65, 6.0) for s in range(3)},
-               methods.HEADLINE: {s: result(0.8, 3.0) for s in range(3)}}
+               methods.HEADLINE: {s: result(0.8, 3.0) for s in range(3)},
+               "ramp-dpo": {s: result(0.8, 9.0) for s in range(3)}}
     summary = report.summarize(results, temps, n_boot=200)
     comp = summary["comparisons"][f"{methods.HEADLINE} vs dpo"]["1.0"]
     assert comp["diff_ci"][0] > 0.15 and comp["ci_low"] > 0.9  # 0.8 vs 0.6 with noise 0.05: clearly better
+    # like for like (same ramp loss): equal levels, so the CI of the difference straddles zero
+    same = summary["comparisons"][f"{methods.HEADLINE} vs ramp-dpo"]["1.0"]
+    assert same["diff_ci"][0] < 0 < same["diff_ci"][1]
+    # a comparison whose row did not run is left out, not filled in
+    assert "vrpo-sigmoid-k4-correct-oracle vs dpo" not in summary["comparisons"]
     assert summary["shape"]["vrpo_oracle_above_dpo_every_temperature_ci_excludes_zero"] is True
     assert report.frontier_points(summary, "1.0")["dpo"] == [(2.0, 0.6), (6.0, 0.65)]
     md = report.results_markdown(summary, temps, "vrpo reproduce imdb --preset quick",

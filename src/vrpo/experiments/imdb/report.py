@@ -24,6 +24,12 @@ PAPER_TEMPERATURES = (0.0, 0.25, 0.5, 0.75, 1.0)
 SECTIONS = (("main", "Main rows (the paper's table)"), ("baseline", "Baselines"),
             ("ablation", "Ablations (issue 8): loss vs control variate vs number of reference pairs"))
 
+# paired comparisons reported where both rows ran: the paper's headline against DPO and SFT,
+# then like for like (same base loss on both sides, so the difference is the control
+# variate alone): sigmoid VRPO vs DPO, ramp VRPO vs ramp-DPO
+COMPARISONS = ((HEADLINE, "dpo"), (HEADLINE, "sft"), ("dpo", "sft"), ("vrpo-sigmoid-k4-correct-oracle", "dpo"),
+               ("vrpo-sigmoid-k2-correct-oracle", "dpo"), (HEADLINE, "ramp-dpo"))
+
 
 def summarize(results: dict, temperatures, n_boot: int = 2000) -> dict:
     """Means +- sd over seeds, paired differences and win rates with 95% CIs, shape checks."""
@@ -42,8 +48,7 @@ def summarize(results: dict, temperatures, n_boot: int = 2000) -> dict:
         return np.array([results[m][s]["scores"][t] for s in sorted(results[m])])
 
     comparisons = {}
-    pairs = [(HEADLINE, "dpo"), (HEADLINE, "sft"), ("dpo", "sft")]
-    for a, b in pairs:
+    for a, b in COMPARISONS:
         if a in results and b in results and sorted(results[a]) == sorted(results[b]):
             per_t = {}
             for t in temps:
