@@ -189,6 +189,10 @@ def test_micro_reproduce_end_to_end_and_resume(tmp_path, monkeypatch):
     stamp = done.stat().st_mtime_ns
     assert imdb.run(args) == 0
     assert done.stat().st_mtime_ns == stamp
+    # each invocation's time is kept, so a resumed experiment still states its full cost
+    log = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and log[0]["seconds"] > log[1]["seconds"] > 0
+    assert "of all 2 invocations into this folder" in (out / "results.md").read_text()
 
 
 def test_pretrained_policy_is_cached_and_tied_to_its_texts(reviews, tmp_path, monkeypatch):

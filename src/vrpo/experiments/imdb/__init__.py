@@ -49,6 +49,7 @@ def _preset_from_args(args):
 
 def run(args: argparse.Namespace) -> int:
     import importlib
+    import json
     import shlex
     import sys
     import time
@@ -92,7 +93,15 @@ def run(args: argparse.Namespace) -> int:
         extra[name] = section["json"]
         markdown += "\n" + section["markdown"]
     elapsed = time.perf_counter() - t0
-    markdown += f"\nWall time of this invocation: {elapsed:.0f} s (finished runs are reused on a rerun).\n"
+    # every invocation into OUT appends its time, so a resumed experiment still states its full cost
+    log = out / "invocations.jsonl"
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    entries.append({"command": command, "seconds": round(elapsed, 1),
+                    "cpu_seconds": round(time.process_time() - c0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    atomic_write_text(log, "".join(json.dumps(e) + "\n" for e in entries))
+    markdown += (f"\nWall time of this invocation: {elapsed:.0f} s; of all {len(entries)} invocations into this "
+                 f"folder: {sum(e['seconds'] for e in entries):.0f} s (`invocations.jsonl`; finished runs are "
+                 "reused on a rerun).\n")
     atomic_write_json(out / "results.json", {"command": command, "setup": describe(setup), "summary": summary,
                                              "results": results, "seconds": elapsed,
                                              "cpu_seconds": time.process_time() - c0, **extra})

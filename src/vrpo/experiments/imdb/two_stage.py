@@ -218,5 +218,5 @@ def section_markdown(data: dict, temps: list[str], seeds) -> str:
     else:
         lines += ["", "No RL in this preset (it would add minutes); `--preset paper` runs "
                   f"{SETTINGS['paper'].rl_steps} RLOO steps per (row, seed) and adds the policies' gold scores."]
-    lines += ["", f"Two-stage wall time: {data['seconds']:.0f} s.", ""]
+    lines += ["", f"Two-stage wall time in this invocation: {data['seconds']:.0f} s.", ""]
     return "\n".join(lines)
