@@ -153,17 +153,18 @@ def plot(summary: dict, results: dict, temperatures, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m, by_seed in results.items():
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors, markers = plt.get_cmap("tab20").colors, "osD^vPX*<>"
+    for i, (m, by_seed) in enumerate(results.items()):  # one colour + marker per method (20 x 10 distinct)
         xs = [by_seed[s]["kl"] for s in sorted(by_seed)]
         ys = [by_seed[s]["mean_score"]["1.0"] for s in sorted(by_seed)] if "1.0" in temps else \
             [by_seed[s]["mean_score"][temps[-1]] for s in sorted(by_seed)]
-        ax.scatter(xs, ys, s=18, label=m)
+        ax.scatter(xs, ys, s=20, color=colors[i % 20], marker=markers[i % len(markers)], label=m)
     for base, points in frontier_points(summary, temps[-1]).items():
         ax.plot([k for k, _ in points], [v for _, v in points], "-", alpha=0.6, label=f"{base}: frontier over beta")
     ax.set_xlabel("KL(pi || pi_ref) (nats per response, from T=1 samples)")
     ax.set_ylabel(f"gold score at T={float(temps[-1]):g}")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     paths.append(out / "score_vs_kl.png")
     fig.tight_layout()
