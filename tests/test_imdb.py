@@ -193,6 +193,8 @@ def test_micro_reproduce_end_to_end_and_resume(tmp_path, monkeypatch):
     log = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
     assert len(log) == 2 and log[0]["seconds"] > log[1]["seconds"] > 0
     assert "of all 2 invocations into this folder" in (out / "results.md").read_text()
+    assert f"recorded by the {len(micro.methods) * len(micro.seeds)} (method, seed) runs" in \
+        (out / "results.md").read_text()
 
 
 def test_pretrained_policy_is_cached_and_tied_to_its_texts(reviews, tmp_path, monkeypatch):

@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
     markdown += (f"\nWall time of this invocation: {elapsed:.0f} s; of all {len(entries)} invocations into this "
                  f"folder: {sum(e['seconds'] for e in entries):.0f} s (`invocations.jsonl`; finished runs are "
                  "reused on a rerun).\n")
+    runs_s = sum(r.get("seconds", 0.0) for by_seed in results.values() for r in by_seed.values())
+    markdown += (f"Train + evaluation time recorded by the {sum(map(len, results.values()))} (method, seed) runs "
+                 f"when they ran: {runs_s:.0f} s (`runs/*/seed*/result.json`).\n")
     atomic_write_json(out / "results.json", {"command": command, "setup": describe(setup), "summary": summary,
                                              "results": results, "seconds": elapsed,
                                              "cpu_seconds": time.process_time() - c0, **extra})
