@@ -14,7 +14,8 @@ HELP = {
     "out": "run folder (checkpoints, metrics.jsonl, config.yaml, model, model card); rerun to resume",
     "samples": "a `vrpo sample` folder (not needed when --data is a `vrpo score` folder)",
     "method": "dpo, vrpo, cdpo or rdpo (vrpo.train.METHODS)",
-    "base_loss": "f in the soft-label loss: sigmoid (DPO), ramp (paper code), hinge, ipo",
+    "base_loss": "f in the soft-label loss: sigmoid (DPO; the default, recommended), ramp (paper code; drifted far "
+                 "in KL in the IMDb paper preset), hinge, ipo",
     "num_ref_samples": "K reference samples per prompt (default: all the data holds). Efficient K: 8 "
                        "(88-92%% of the exact expectation's MSE reduction in the testbed; K=4: 69-78%%; "
                        "K=2 with coefficient 1 removes nothing: see docs/variance.md)",
