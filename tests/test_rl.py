@@ -10,6 +10,9 @@ from vrpo.cli import main
 from vrpo.policy_stage import RLConfig, RewardModelScorer, best_of_n, load_reward_model, reward_inputs, run_rl
 from vrpo.testing import build_tiny_causal_lm
 
+# the policy stage passes the pinned transformers/TRL no deprecated argument (each used to warn per run)
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
+
 PROMPTS = ["The movie was", "A terrible film", "I loved the", "The worst movie"]
 
 

@@ -15,10 +15,12 @@ strings, without EOS) can shift the reward.
 """
 from __future__ import annotations
 
+
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -267,9 +269,12 @@ def _engine_config(cfg: RLConfig, config_cls, resume_dir: Path):
         max_steps=cfg.max_steps, num_train_epochs=cfg.num_epochs, seed=cfg.seed,
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, report_to=cfg.report_to or "none",
         # TRL's defaults assume a GPU (bf16, activation checkpointing): follow the hardware instead
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), gradient_checkpointing=False,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         use_cpu=not torch.cuda.is_available(),
     )
+    # newer transformers renamed gradient_checkpointing (a deprecated alias that warns on every run)
+    names = {f.name for f in fields(config_cls)}
+    kwargs["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = False
     kwargs.update(cfg.engine_args)
     try:
         return config_cls(**kwargs)
@@ -311,7 +316,9 @@ def run_rl(cfg: RLConfig, *, resume: bool = False) -> Path:
     trainer = trainer_cls(model=str(cfg.model), reward_funcs=scorer, args=engine_cfg, train_dataset=prompts,
                           processing_class=tokenizer, callbacks=[MetricsJsonlCallback(out / "metrics.jsonl")])
     last = resume_point(out / "checkpoints", resume, out / "metrics.jsonl", main_process=main)
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    with warnings.catch_warnings():  # TRL reads a transformers property deprecated in v5; nothing a user can change
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
     trainer.save_model(str(out))  # safetensors; only the main process writes
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(out)
