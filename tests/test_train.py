@@ -220,3 +220,22 @@ def test_labelled_pairs_from_another_model_are_refused(tmp_path):
     with pytest.raises(ValueError, match="labelled pairs were drawn from model ffff"):
         train(VRPOConfig(method="dpo", model=str(tiny_model_dir()), data=str(folder), out=str(tmp_path / "o"),
                          max_steps=1, **FAST))
+
+
+def test_training_arguments_are_built_once_for_both_stages(tmp_path):
+    """vrpo train and vrpo train-rm share one TrainingArguments builder: same CPU defaults,
+    their own extras, --training-args wins, and a bad one is a one-line error naming the flag."""
+    from vrpo.train import VRPOConfig
+    from vrpo.train.reward_model import RewardModelConfig
+
+    policy = VRPOConfig(learning_rate=3e-4, seed=7, bf16=False).training_arguments(tmp_path / "a")
+    reward = RewardModelConfig(learning_rate=3e-4, seed=7).training_arguments(tmp_path / "b")
+    for targs in (policy, reward):
+        assert targs.learning_rate == 3e-4 and targs.seed == 7 and targs.remove_unused_columns is False
+        if not torch.cuda.is_available():
+            assert targs.use_cpu and targs.dataloader_pin_memory is False
+    assert reward.data_seed == 7 and policy.data_seed is None  # the policy's data order is unchanged
+    assert VRPOConfig(training_args={"optim": "sgd"}).training_arguments(tmp_path).optim == "sgd"
+    with pytest.raises(ValueError, match="^--training-args: ") as e:
+        VRPOConfig(training_args={"no_such_argument": 1}).training_arguments(tmp_path)
+    assert "\n" not in str(e.value)

@@ -10,7 +10,7 @@ from vrpo.policy_stage import RewardModelScorer, load_reward_model
 from vrpo.testing import build_tiny_causal_lm
 from vrpo.train.reward_model import (
     RewardModelConfig, load_reward_features, margin_variance_across_seeds, pair_margins, reward_accuracy,
-    train_reward_model, unpack_rewards, _build_model, _trainer_class, _training_arguments,
+    train_reward_model, unpack_rewards, _build_model, _trainer_class,
 )
 
 ROWS = [
@@ -60,7 +60,7 @@ def test_packed_loss_equals_the_loss_on_one_sequence_at_a_time(setup, tmp_path, 
     model, tok = _build_model(cfg)
     model.eval()
     feats, k, _ = load_reward_features(cfg, tok)
-    trainer = _trainer_class()(model=model, args=_training_arguments(cfg, tmp_path / "ck"), train_dataset=feats,
+    trainer = _trainer_class()(model=model, args=cfg.training_arguments(tmp_path / "ck"), train_dataset=feats,
                                rm_config=cfg, num_ref_samples=k)
     batch = PreferenceCollator(tok.pad_token_id, with_reference=k is not None)(feats[:3])
     with torch.no_grad():

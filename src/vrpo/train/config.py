@@ -66,6 +66,38 @@ class TrainingSettings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def _engine_settings(self) -> dict[str, Any]:
+        """TrainingArguments that only a subclass has (``bf16``, ``data_seed``)."""
+        return {}
+
+    def training_arguments(self, output_dir: str | Path):
+        """``transformers.TrainingArguments`` of this run: the shared optimisation settings, CPU
+        defaults when no GPU is visible (``use_cpu``, no pinned memory, ``gloo`` for several
+        processes), then ``training_args``, which wins."""
+        import os
+
+        import torch
+        from transformers import TrainingArguments
+
+        values = dict(
+            output_dir=str(output_dir), learning_rate=self.learning_rate, num_train_epochs=self.num_train_epochs,
+            max_steps=self.max_steps, per_device_train_batch_size=self.per_device_train_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps, warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay, lr_scheduler_type=self.lr_scheduler_type, seed=self.seed,
+            logging_steps=self.logging_steps, save_strategy="steps", save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit, report_to=list(self.report_to),
+            remove_unused_columns=False,  # the collator's features are ours, not the model's inputs
+            **self._engine_settings())
+        if not torch.cuda.is_available():
+            values.update(use_cpu=True, dataloader_pin_memory=False)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                values["ddp_backend"] = "gloo"  # CPU processes (tests, laptops)
+        values.update(self.training_args)
+        try:
+            return TrainingArguments(**values)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--training-args: {str(e).splitlines()[0]}") from None
+
     @classmethod
     def from_dict(cls: type[_Settings], values: dict[str, Any], source: str = "config") -> _Settings:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -119,6 +151,9 @@ class VRPOConfig(TrainingSettings):
     cache_dir: Optional[str] = None  # default: OUT/cache
     # the run
     resume: bool = True  # continue from the last checkpoint in OUT when there is one
+
+    def _engine_settings(self) -> dict[str, Any]:
+        return {"bf16": self.bf16}
 
     def _check_method(self) -> None:
         from vrpo.train.methods import METHODS

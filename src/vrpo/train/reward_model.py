@@ -69,6 +69,9 @@ class RewardModelConfig(TrainingSettings):
     logging_steps: int = 10
     save_steps: int = 200
 
+    def _engine_settings(self) -> dict:
+        return {"data_seed": self.seed}
+
     def _check_method(self) -> None:
         rm_method(self.method)
 
@@ -225,7 +228,7 @@ def train_reward_model(cfg: RewardModelConfig, *, resume: bool = False) -> Path:
     features, k, manifests = load_reward_features(cfg, tokenizer)  # bad data fails here, before any model loads
     provenance = check_reward_provenance(cfg, manifests)
     model, _ = _build_model(cfg, tokenizer)
-    args = _training_arguments(cfg, out / "checkpoints")
+    args = cfg.training_arguments(out / "checkpoints")
     main = args.process_index == 0  # under `accelerate launch`, one process writes the run record
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -246,24 +249,6 @@ def train_reward_model(cfg: RewardModelConfig, *, resume: bool = False) -> Path:
         tokenizer.save_pretrained(out)
         atomic_write_text(out / "README.md", reward_model_card(cfg, k, provenance))
     return out
-
-
-def _training_arguments(cfg: RewardModelConfig, output_dir: Path):
-    from transformers import TrainingArguments
-
-    kwargs = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps, lr_scheduler_type=cfg.lr_scheduler_type, seed=cfg.seed, data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-        report_to=cfg.report_to, remove_unused_columns=False,  # features are ours, not model inputs
-    )
-    kwargs.update(cfg.training_args)
-    try:
-        return TrainingArguments(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"training args: {str(e).splitlines()[0]}") from None
 
 
 # --------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -86,30 +85,6 @@ def _apply_lora(model, cfg: VRPOConfig):
     return get_peft_model(model, lora)
 
 
-def training_arguments(cfg: VRPOConfig):
-    import torch
-    from transformers import TrainingArguments
-
-    extra = dict(cfg.training_args)
-    if not torch.cuda.is_available():
-        extra.setdefault("use_cpu", True)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            extra.setdefault("ddp_backend", "gloo")  # CPU processes (tests, laptops)
-    values = dict(
-        output_dir=cfg.out, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler_type, seed=cfg.seed,
-        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, report_to=list(cfg.report_to), bf16=cfg.bf16,
-        remove_unused_columns=False)
-    values.update(extra)  # --training-args wins
-    try:
-        return TrainingArguments(**values)
-    except TypeError as e:
-        raise ValueError(f"--training-args: {e}") from None
-
-
 def prepare(cfg: VRPOConfig, targs) -> dict:
     """Everything before the optimiser: tokenizer, features with reference log-probs, provenance."""
     from vrpo.sampling import load_tokenizer
@@ -188,7 +163,7 @@ def train(config: VRPOConfig | dict, callbacks: Sequence = ()) -> Path:
 
     cfg = (VRPOConfig.from_dict(config) if isinstance(config, dict) else config).validate()
     out = Path(cfg.out)
-    targs = training_arguments(cfg)
+    targs = cfg.training_arguments(cfg.out)
     prep = prepare(cfg, targs)
     if targs.process_index == 0:
         write_run_record(cfg, prep)
