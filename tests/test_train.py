@@ -198,6 +198,7 @@ def test_config_file_and_flag_precedence(tmp_path):
         config_from_args(p.parse_args(["--config", str(tmp_path / "bad.yaml")]))
 
 
+@pytest.mark.filterwarnings("error::FutureWarning", "error:fan_in_fan_out:UserWarning")  # no per-run noise
 def test_lora_saves_adapter_and_merged_model(tmp_path):
     pytest.importorskip("peft")
     out = train(VRPOConfig(method="dpo", model=str(tiny_model_dir()), data=str(write_pairs(tmp_path / "d.jsonl", n=2)),

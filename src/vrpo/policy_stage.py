@@ -15,14 +15,14 @@ strings, without EOS) can shift the reward.
 """
 from __future__ import annotations
 
-
 import json
 import math
 import os
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from vrpo._warnings import third_party_deprecations_silenced
 
 __all__ = [
     "RL_ENGINES",
@@ -316,8 +316,7 @@ def run_rl(cfg: RLConfig, *, resume: bool = False) -> Path:
     trainer = trainer_cls(model=str(cfg.model), reward_funcs=scorer, args=engine_cfg, train_dataset=prompts,
                           processing_class=tokenizer, callbacks=[MetricsJsonlCallback(out / "metrics.jsonl")])
     last = resume_point(out / "checkpoints", resume, out / "metrics.jsonl", main_process=main)
-    with warnings.catch_warnings():  # TRL reads a transformers property deprecated in v5; nothing a user can change
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with third_party_deprecations_silenced():
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     trainer.save_model(str(out))  # safetensors; only the main process writes
     if trainer.is_world_process_zero():

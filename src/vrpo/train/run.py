@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from vrpo._warnings import third_party_deprecations_silenced
 from vrpo.provenance import (atomic_write_json, atomic_write_text, check_reference, fingerprint_data, fingerprint_model,
                              fingerprint_tokenizer, package_versions, read_manifest)
 from vrpo.train.config import VRPOConfig
@@ -80,9 +81,14 @@ def _apply_lora(model, cfg: VRPOConfig):
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ValueError("--lora-r: needs peft (pip install 'vrpo[peft]')") from None
+    from transformers.pytorch_utils import Conv1D
+
+    # GPT-2-style Conv1D layers store their weight transposed; peft needs to be told (else it warns and fixes it)
+    conv1d = any(isinstance(m, Conv1D) for m in model.modules())
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=cfg.lora_target_modules or "all-linear")
-    return get_peft_model(model, lora)
+                      target_modules=cfg.lora_target_modules or "all-linear", fan_in_fan_out=conv1d)
+    with third_party_deprecations_silenced():
+        return get_peft_model(model, lora)
 
 
 def prepare(cfg: VRPOConfig, targs) -> dict:
