@@ -240,3 +240,30 @@ def test_training_arguments_are_built_once_for_both_stages(tmp_path):
     with pytest.raises(ValueError, match="^--training-args: ") as e:
         VRPOConfig(training_args={"no_such_argument": 1}).training_arguments(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_reference_pass_runs_on_the_training_device(tmp_path, monkeypatch):
+    """The one reference pass runs where the process trains (its GPU under accelerate/DDP,
+    here the CPU), not wherever from_pretrained left the model."""
+    import vrpo.sampling
+    from vrpo.train.run import prepare
+
+    seen = []
+    original = vrpo.sampling.sequence_logps_under
+
+    def spy(model, *args, **kwargs):
+        seen.append(next(model.parameters()).device)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(vrpo.sampling, "sequence_logps_under", spy)
+    import vrpo.train.reference as reference
+
+    asked, attach = [], reference.attach_reference_logps
+    monkeypatch.setattr(reference, "attach_reference_logps",
+                        lambda *a, **kw: asked.append(kw.get("device")) or attach(*a, **kw))
+    cfg = VRPOConfig(model=str(tiny_model_dir()), data=str(write_scored(tmp_path / "d.jsonl", n=2, k=2)),
+                     out=str(tmp_path / "run"), method="vrpo", **FAST).validate()
+    targs = cfg.training_arguments(cfg.out)
+    prepare(cfg, targs)
+    assert asked == [targs.device]  # the process's device is passed on (a GPU on a GPU machine)
+    assert seen and all(d == targs.device for d in seen)

@@ -71,10 +71,12 @@ def stored_sample_logp_error(model, features: list[dict], pad_token_id: int, num
 
 
 def attach_reference_logps(features: list[dict], ref_model_path: str, model_fingerprint: str, pad_token_id: int,
-                           cache_dir: str | Path, batch_size: int = 8, trust_remote_code: bool = False) -> tuple[list[dict], dict]:
+                           cache_dir: str | Path, batch_size: int = 8, trust_remote_code: bool = False,
+                           device=None) -> tuple[list[dict], dict]:
     """Add ref_chosen_logps / ref_rejected_logps (and missing ref_logps) to the features,
     from the cache when it holds this (model, token ids) key. Returns the features and
-    {"cache": file, "stored_sample_logp_error": float or None}."""
+    {"cache": file, "stored_sample_logp_error": float or None}. ``device``: where the
+    reference model runs for the one pass (the training process's device; default CPU)."""
     key = hashlib.sha256((model_fingerprint + token_fingerprint(features)).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"ref-logps-{key}.json"
     if path.exists():
@@ -83,6 +85,8 @@ def attach_reference_logps(features: list[dict], ref_model_path: str, model_fing
         from vrpo.sampling import load_model_and_tokenizer
 
         model, _ = load_model_and_tokenizer(ref_model_path, trust_remote_code=trust_remote_code, what="reference model")
+        if device is not None:
+            model.to(device)
         cached = compute_reference_logps(model, features, pad_token_id, batch_size)
         cached["stored_sample_logp_error"] = stored_sample_logp_error(model, features, pad_token_id)
         del model  # no reference model is held during training

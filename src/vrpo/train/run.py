@@ -111,7 +111,7 @@ def prepare(cfg: VRPOConfig, targs) -> dict:
     with targs.main_process_first(local=False, desc="reference log-probs"):
         features, ref_info = attach_reference_logps(
             features, ref_path, ref_fp, tokenizer.pad_token_id, cfg.cache_dir or Path(cfg.out) / "cache",
-            cfg.ref_batch_size, cfg.trust_remote_code)
+            cfg.ref_batch_size, cfg.trust_remote_code, device=targs.device)  # the GPU when training on one
     err = ref_info["stored_sample_logp_error"]
     if err is not None and err > SAMPLE_LOGP_TOLERANCE:
         msg = (f"stored reference log-probs of the samples differ from the reference model's by {err:.3g} nats "
