@@ -156,8 +156,8 @@ def test_cli_arguments_are_validated():
     assert imdb._preset_from_args(parser.parse_args(["--seeds", "2", "--methods", "sft,dpo"])).seeds == (0, 1)
 
 
-@pytest.mark.slow
-def test_micro_reproduce_end_to_end_and_resume(tmp_path, monkeypatch):
+def _imdb_args(tmp_path, monkeypatch, *argv):
+    """`vrpo reproduce imdb --preset micro --out TMP/imdb --no-progress ARGV` with a private cache."""
     import argparse
 
     from vrpo.experiments import imdb
@@ -165,8 +165,30 @@ def test_micro_reproduce_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("VRPO_CACHE", str(tmp_path / "cache"))
     parser = argparse.ArgumentParser()
     imdb.add_arguments(parser)
+    return parser.parse_args(["--preset", "micro", "--out", str(tmp_path / "imdb"), "--no-progress", *argv])
+
+
+def test_damaged_invocation_log_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    from vrpo.cli import main
+
+    _imdb_args(tmp_path, monkeypatch)
+    (tmp_path / "imdb").mkdir()
+    (tmp_path / "imdb" / "invocations.jsonl").write_text('{"seconds": 3.0}\nnot json\n')
+    argv = ["reproduce", "imdb", "--preset", "micro", "--out", str(tmp_path / "imdb"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "invocations.jsonl: line 2 is not a JSON record" in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "imdb" / "data").exists()  # nothing computed
+    (tmp_path / "imdb" / "invocations.jsonl").write_text('{"seconds": "soon"}\n')
+    assert main(argv) == 2 and "line 1: expected an object with numeric 'seconds'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_micro_reproduce_end_to_end_and_resume(tmp_path, monkeypatch):
+    from vrpo.experiments import imdb
+
+    args = _imdb_args(tmp_path, monkeypatch)
     out = tmp_path / "imdb"
-    args = parser.parse_args(["--preset", "micro", "--out", str(out), "--no-progress"])
     assert imdb.run(args) == 0
     res = json.loads((out / "results.json").read_text())
     micro = presets.PRESETS["micro"]
@@ -258,17 +280,11 @@ def test_two_stage_settings_error_names_the_preset():
 @pytest.mark.slow
 def test_micro_reproduce_has_the_two_stage_section(tmp_path, monkeypatch):
     """results.json["two_stage"] and the results.md section of a micro run (SFT only, 2 seeds)."""
-    import argparse
-
     from vrpo.experiments import imdb
     from vrpo.experiments.imdb.two_stage import SETTINGS
 
-    monkeypatch.setenv("VRPO_CACHE", str(tmp_path / "cache"))
-    parser = argparse.ArgumentParser()
-    imdb.add_arguments(parser)
     out = tmp_path / "imdb"
-    assert imdb.run(parser.parse_args(["--preset", "micro", "--out", str(out), "--methods", "sft",
-                                       "--no-progress"])) == 0
+    assert imdb.run(_imdb_args(tmp_path, monkeypatch, "--methods", "sft")) == 0
     ts = json.loads((out / "results.json").read_text())["two_stage"]
     micro, settings = presets.PRESETS["micro"], SETTINGS["micro"]
     seeds = {str(s) for s in micro.seeds}

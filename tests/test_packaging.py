@@ -30,11 +30,11 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path):
                               str(target), str(wheel)], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr
     # from an empty folder, with only the installed copy (not src/) on the path: every command imports
-    code = ("import importlib, vrpo, sys; from vrpo.cli import COMMANDS\n"
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "import importlib, vrpo; from vrpo.cli import COMMANDS\n"
             "assert vrpo.__file__.startswith(sys.argv[1]), vrpo.__file__\n"
             "[importlib.import_module(m) for m, _ in COMMANDS.values()]\n"
             "from vrpo.experiments.reproduce import EXPERIMENTS\n"
             "print('ok', len(COMMANDS), len(EXPERIMENTS))")
-    code = f"import sys; sys.path.insert(0, {str(target)!r}); " + code.replace("sys.argv[1]", repr(str(target)))
-    run = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    run = subprocess.run([sys.executable, "-I", "-c", code, str(target)], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.startswith("ok"), run.stderr[-2000:]

@@ -47,6 +47,22 @@ def _preset_from_args(args):
     return get_preset(args.preset, **overrides)
 
 
+def _read_invocations(path) -> list[dict]:
+    import json
+
+    entries = []
+    lines = path.read_text().splitlines() if path.exists() else []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except ValueError as e:
+                raise ValueError(f"{path}: line {i} is not a JSON record ({e.msg}); fix or delete the file") from None
+            if not isinstance(entries[-1], dict) or not isinstance(entries[-1].get("seconds"), (int, float)):
+                raise ValueError(f"{path}: line {i}: expected an object with numeric 'seconds'; fix or delete the file")
+    return entries
+
+
 def run(args: argparse.Namespace) -> int:
     import importlib
     import json
@@ -74,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     t0, c0 = time.perf_counter(), time.process_time()
     out.mkdir(parents=True, exist_ok=True)
+    # every invocation into OUT appends its time, so a resumed experiment still states its full cost;
+    # read now, so a damaged log stops the run before anything is computed
+    log = out / "invocations.jsonl"
+    entries = _read_invocations(log)
     atomic_write_json(out / "config.json", asdict(preset))
     atomic_write_json(out / "versions.json", package_versions())
     specs = get_methods(preset.methods)
@@ -92,12 +112,9 @@ def run(args: argparse.Namespace) -> int:
         section = getattr(importlib.import_module(mod), fn)(setup, out)
         extra[name] = section["json"]
         markdown += "\n" + section["markdown"]
-    elapsed = time.perf_counter() - t0
-    # every invocation into OUT appends its time, so a resumed experiment still states its full cost
-    log = out / "invocations.jsonl"
-    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     entries.append({"command": command, "seconds": round(elapsed, 1),
-                    "cpu_seconds": round(time.process_time() - c0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                    "cpu_seconds": round(cpu, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     atomic_write_text(log, "".join(json.dumps(e) + "\n" for e in entries))
     markdown += (f"\nWall time of this invocation: {elapsed:.0f} s; of all {len(entries)} invocations into this "
                  f"folder: {sum(e['seconds'] for e in entries):.0f} s (`invocations.jsonl`; finished runs are "
@@ -107,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                  f"when they ran: {runs_s:.0f} s (`runs/*/seed*/result.json`).\n")
     atomic_write_json(out / "results.json", {"command": command, "setup": describe(setup), "summary": summary,
                                              "results": results, "seconds": elapsed,
-                                             "cpu_seconds": time.process_time() - c0, **extra})
+                                             "cpu_seconds": cpu, **extra})
     atomic_write_text(out / "results.md", markdown)
     plot(summary, results, preset.temperatures, out)
     print(markdown)
