@@ -147,3 +147,20 @@ def test_conversations_are_scored_as_vrpo_data_renders_them(tiny, tmp_path):
     scorer = RewardModelScorer(model, tok)
     assert torch.allclose(scorer.score([prompt], [completion]), scorer.score([row["prompt"]], [row["chosen"]]))
     assert row["prompt"] == "<user>The movie was<assistant>" and row["chosen"] == " wonderful"
+
+
+def test_engine_config_follows_the_hardware_like_vrpo_train(tmp_path):
+    """TRL's config gets the same device defaults as `vrpo train` (vrpo.train.config.engine_device_defaults)
+    and no activation checkpointing; engine_args still win."""
+    from trl import RLOOConfig
+
+    from vrpo.policy_stage import _engine_config
+    from vrpo.train.config import engine_device_defaults
+
+    cfg = RLConfig(model="m", reward_model="r", prompts="p", out=str(tmp_path), engine_args={"seed": 5})
+    engine = _engine_config(cfg, RLOOConfig, tmp_path / "ck")
+    for name, value in engine_device_defaults().items():
+        assert getattr(engine, name) == value
+    if not torch.cuda.is_available():
+        assert engine.use_cpu and engine.dataloader_pin_memory is False and not engine.bf16
+    assert engine.activation_checkpointing is False and engine.seed == 5

@@ -262,6 +262,8 @@ def load_prompts(path: str | os.PathLike, tokenizer=None):
 def _engine_config(cfg: RLConfig, config_cls, resume_dir: Path):
     import torch
 
+    from vrpo.train.config import engine_device_defaults
+
     kwargs = dict(
         output_dir=str(resume_dir), per_device_train_batch_size=cfg.batch_size,
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
@@ -269,8 +271,7 @@ def _engine_config(cfg: RLConfig, config_cls, resume_dir: Path):
         max_steps=cfg.max_steps, num_train_epochs=cfg.num_epochs, seed=cfg.seed,
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, report_to=cfg.report_to or "none",
         # TRL's defaults assume a GPU (bf16, activation checkpointing): follow the hardware instead
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), **engine_device_defaults(),
     )
     # newer transformers renamed gradient_checkpointing (a deprecated alias that warns on every run)
     names = {f.name for f in fields(config_cls)}

@@ -18,6 +18,21 @@ from typing import Any, Optional, TypeVar
 _Settings = TypeVar("_Settings", bound="TrainingSettings")
 
 
+def engine_device_defaults() -> dict[str, Any]:
+    """TrainingArguments for the hardware (the Trainer's and TRL's defaults assume a GPU):
+    none with a GPU; on CPU, ``use_cpu``, no pinned memory, and ``gloo`` across processes."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {}
+    values: dict[str, Any] = {"use_cpu": True, "dataloader_pin_memory": False}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        values["ddp_backend"] = "gloo"  # CPU processes (tests, laptops)
+    return values
+
+
 @dataclass
 class TrainingSettings:
     """The settings ``vrpo train`` (:class:`VRPOConfig`) and ``vrpo train-rm``
@@ -74,9 +89,6 @@ class TrainingSettings:
         """``transformers.TrainingArguments`` of this run: the shared optimisation settings, CPU
         defaults when no GPU is visible (``use_cpu``, no pinned memory, ``gloo`` for several
         processes), then ``training_args``, which wins."""
-        import os
-
-        import torch
         from transformers import TrainingArguments
 
         values = dict(
@@ -88,10 +100,7 @@ class TrainingSettings:
             save_total_limit=self.save_total_limit, report_to=list(self.report_to),
             remove_unused_columns=False,  # the collator's features are ours, not the model's inputs
             **self._engine_settings())
-        if not torch.cuda.is_available():
-            values.update(use_cpu=True, dataloader_pin_memory=False)
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                values["ddp_backend"] = "gloo"  # CPU processes (tests, laptops)
+        values.update(engine_device_defaults())
         values.update(self.training_args)
         try:
             return TrainingArguments(**values)
