@@ -31,12 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {  # in workflow order (the order `vrpo -
 }
 
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
 def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from vrpo.cli_args import OneLineParser
+
+    parser = OneLineParser(
         prog="vrpo",
         description="Variance-reduced preference optimization: DPO / reward modelling with a control "
         "variate built from reference-policy samples and an auxiliary preference model.",
@@ -47,7 +45,7 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error instead of its one-line message "
                         "(also: environment variable VRPO_DEBUG=1)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == argv_command:  # import only the module that will run (or show its help)
@@ -67,8 +65,24 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("VRPO_DEBUG", "") not in ("", "0")
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (CLIError, ValueError) as e:  # our validation errors: one line naming what is wrong
-        if debug:  # a bug that happens to raise ValueError keeps its traceback here
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"vrpo {args.command}: error: {e}", file=sys.stderr)
+        print(f"vrpo {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        # UserError (a ValueError) and our other validation errors name the file, row or flag;
+        # OSError is the file system's (a full disk, a permission): its message names the path
+        if debug:  # a bug that happens to raise one of these keeps its traceback here
+            raise
+        print(f"vrpo {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
+
+
+def _message(e: BaseException) -> str:
+    from vrpo.errors import one_line
+
+    if isinstance(e, OSError) and e.strerror:
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+        return one_line(f"{where}: {e.strerror}" if where else e.strerror, limit=500)
+    return one_line(e, limit=500)
