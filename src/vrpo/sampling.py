@@ -24,6 +24,7 @@ from typing import Sequence
 from vrpo.provenance import atomic_write_bytes
 
 SAMPLES_FILE = "samples.parquet"
+LOG_PROB_DTYPE = "float32"  # reference log-probs (sampling's re-scoring, training's reference pass)
 SHARD_DIR = "shards"
 
 
@@ -31,33 +32,34 @@ SHARD_DIR = "shards"
 # Exact sequence log-probs under a model (shared with training's reference cache)
 # --------------------------------------------------------------------------------------
 def sequence_logps_under(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                         pad_token_id: int, batch_size: int = 8) -> list[float]:
-    """log pi(y|x) summed over completion tokens, at temperature 1, one value per sequence."""
-    import torch
+                         pad_token_id: int, batch_size: int = 8, share_rows: Sequence | None = None) -> list[float]:
+    """log pi(y|x) summed over completion tokens, at temperature 1, one value per sequence, at
+    most ``batch_size`` sequences per forward pass, in the model's dtype (float32 as loaded by
+    ``load_model_and_tokenizer``); the LM head runs chunk by chunk (``vrpo.sequences``).
+    ``share_rows``: a key per sequence; sequences with the same key share one row (their
+    prompt computed once: the shared-prompt layout)."""
+    from vrpo.sequences import logps_of_rows
 
-    from vrpo.data import sequence_batch
-    from vrpo.losses import sequence_logps
-
-    device = next(model.parameters()).device
-    out: list[float] = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(prompt_ids), batch_size):
-            batch = sequence_batch(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size],
-                                   pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out.extend(sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"]).tolist())
-    model.train(was_training)
-    return out
+    items = [(s, p, c) for s, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
+    if share_rows is None:
+        rows = [[item] for item in items]
+    else:
+        grouped: dict = {}
+        for key, item in zip(share_rows, items):
+            grouped.setdefault(key, []).append(item)
+        rows = list(grouped.values())
+    return logps_of_rows(model, rows, pad_token_id, batch_size)
 
 
 # --------------------------------------------------------------------------------------
 # Loading models safely
 # --------------------------------------------------------------------------------------
 def load_model_and_tokenizer(path: str, *, trust_remote_code: bool = False, what: str = "--model", dtype=None):
-    """A causal LM and its tokenizer from a local folder (safetensors; no remote code unless asked)."""
+    """A causal LM and its tokenizer from a local folder (safetensors; no remote code unless asked).
+
+    ``dtype``: of the weights, float32 unless given, whatever the checkpoint's (most ship in
+    bfloat16): training needs float32 master weights (``--bf16`` autocasts over them), and
+    reference log-probs are computed in float32 (``LOG_PROB_DTYPE``, stated in manifests)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
@@ -67,8 +69,9 @@ def load_model_and_tokenizer(path: str, *, trust_remote_code: bool = False, what
     kwargs = {"trust_remote_code": trust_remote_code}
     if list(p.glob("*.safetensors")):
         kwargs["use_safetensors"] = True
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    import torch
+
+    kwargs["dtype"] = torch.float32 if dtype is None else dtype
     model = AutoModelForCausalLM.from_pretrained(p, **kwargs)
     return model, tokenizer
 
@@ -201,7 +204,8 @@ def sample_references(model_path: str, prompts_path: str, out: str, *, num_sampl
     manifest = {"kind": "reference_samples", "model": str(model_path), "model_fingerprint": fingerprint_model(model_path),
                 "tokenizer_fingerprint": fingerprint_tokenizer(model_path), "prompts": str(prompts_path),
                 "prompts_fingerprint": fingerprint_data(prompts_path), "num_prompts": len(items), "seed": seed,
-                "shard_size": shard_size, "tokenization": token_settings, "log_prob_temperature": 1.0, **settings}
+                "shard_size": shard_size, "tokenization": token_settings, "log_prob_temperature": 1.0,
+                "log_prob_dtype": LOG_PROB_DTYPE, **settings}
     out_dir = Path(out)
     _check_resume(out_dir, manifest, read_manifest)
     if state.is_main_process:

@@ -74,6 +74,12 @@ class TrainingSettings:
     # should differ by the text only, not by dropout noise
     disable_dropout: bool = True
     training_args: dict = field(default_factory=dict)  # any other TrainingArguments (deepspeed, fsdp, ...)
+    # the cost of a step (docs/cost.md); the loss and gradients are the same whatever these are
+    sequences_per_pass: Optional[int] = None  # at most N sequences per forward/backward (the exact two-pass
+    #   step: memory set by N, not by the batch's B (2 + K)); None: the whole batch in one pass (fastest when it fits)
+    share_prompt: bool = False  # each prompt once per row, followed by its 2 + K completions (a block mask):
+    #   faster for long prompts; off by default, since with short prompts the longer row costs more (docs/cost.md)
+    bf16: bool = False  # autocast to bfloat16 over float32 master weights (CPU and CUDA)
     # provenance and safety
     allow_reference_mismatch: bool = False
     trust_remote_code: bool = False
@@ -82,7 +88,7 @@ class TrainingSettings:
         return dataclasses.asdict(self)
 
     def _engine_settings(self) -> dict[str, Any]:
-        """TrainingArguments that only a subclass has (``bf16``, ``data_seed``)."""
+        """TrainingArguments that only a subclass has (``data_seed``)."""
         return {}
 
     def training_arguments(self, output_dir: str | Path):
@@ -97,7 +103,7 @@ class TrainingSettings:
             gradient_accumulation_steps=self.gradient_accumulation_steps, warmup_steps=self.warmup_steps,
             weight_decay=self.weight_decay, lr_scheduler_type=self.lr_scheduler_type, seed=self.seed,
             logging_steps=self.logging_steps, save_strategy="steps", save_steps=self.save_steps,
-            save_total_limit=self.save_total_limit, report_to=list(self.report_to),
+            save_total_limit=self.save_total_limit, report_to=list(self.report_to), bf16=self.bf16,
             remove_unused_columns=False,  # the collator's features are ours, not the model's inputs
             **self._engine_settings())
         values.update(engine_device_defaults())
@@ -136,7 +142,13 @@ class TrainingSettings:
             raise ValueError(f"--num-ref-samples {self.num_ref_samples}: expected at least 2")
         if self.prompt_truncation not in ("error", "left"):
             raise ValueError(f"--prompt-truncation {self.prompt_truncation}: expected 'error' or 'left'")
+        self._check_step_settings()
         return self
+
+    def _check_step_settings(self) -> None:
+        from vrpo.cli_args import POSITIVE_INT
+
+        POSITIVE_INT.check(self.sequences_per_pass, "--sequences-per-pass", allow_none=True)
 
 
 @dataclass
@@ -148,8 +160,6 @@ class VRPOConfig(TrainingSettings):
     beta: float = 0.1  # r = beta * (log pi - log pi_ref); 0.1 as in DPO and the paper
     label_smoothing: float = 0.1  # cDPO's epsilon
     flip_rate: float = 0.1  # rDPO's label-flip rate
-    # optimisation, continued
-    bf16: bool = False
     # LoRA (peft): lora_r > 0 turns it on
     lora_r: int = 0
     lora_alpha: int = 16
@@ -160,9 +170,6 @@ class VRPOConfig(TrainingSettings):
     cache_dir: Optional[str] = None  # default: OUT/cache
     # the run
     resume: bool = True  # continue from the last checkpoint in OUT when there is one
-
-    def _engine_settings(self) -> dict[str, Any]:
-        return {"bf16": self.bf16}
 
     def _check_method(self) -> None:
         from vrpo.train.methods import METHODS
