@@ -3,8 +3,10 @@ one-pass step's loss, metrics and every parameter's gradient (to 1e-6 relative, 
 dropout off) for DPO and VRPO with reference-sample masks, K = 2..8, LoRA and full
 fine-tuning, gradient accumulation, the reward-model trainer, and 2 CPU processes; dropout
 masks are replayed; float32 master weights for bf16 checkpoints and --bf16 autocast."""
+import functools
 import json
 import os
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,12 @@ SHORT = dict(max_length=64, max_prompt_length=32)
 
 
 def _features(tmp_path, method: str, k: int | None, n: int = 4):
+    feats, tok = _cached_features(method, k, n)
+    return [dict(f) for f in feats], tok
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_features(method: str, k: int | None, n: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vrpo.data import load_preferences
@@ -27,7 +35,8 @@ def _features(tmp_path, method: str, k: int | None, n: int = 4):
     from vrpo.train.reference import compute_reference_logps
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir())
-    data = write_scored(tmp_path / "d.jsonl", n=n, k=k) if k else write_pairs(tmp_path / "d.jsonl", n=n)
+    folder = Path(tempfile.mkdtemp(prefix="vrpo-step-"))
+    data = write_scored(folder / "d.jsonl", n=n, k=k) if k else write_pairs(folder / "d.jsonl", n=n)
     cfg = VRPOConfig(method=method, **SHORT)
     feats = build_features(load_preferences(data).to_list(), tok, cfg, with_reference=k is not None,
                            num_ref_samples=k)
@@ -116,9 +125,10 @@ def test_two_passes_and_shared_prompts_give_the_one_pass_gradients(tmp_path, met
     plain, shared = _collate(feats, tok, k), _collate(feats, tok, k, share_prompt=True)
     one_pass = _step(trainer, [plain], None)
     assert one_pass[2]["rewards/margins"] != 0
-    _assert_same_step(one_pass, _step(trainer, [plain], 3))  # 3 sequences per pass: many chunks
+    per_prompt = 2 + (k or 0)
+    _assert_same_step(one_pass, _step(trainer, [plain], per_prompt + 1))  # 4 chunks, cut inside prompts
     _assert_same_step(one_pass, _step(trainer, [shared], None))
-    _assert_same_step(one_pass, _step(trainer, [shared], 3))  # chunks of whole prompts
+    _assert_same_step(one_pass, _step(trainer, [shared], 2 * per_prompt - 1))  # whole prompts: one per chunk
 
 
 def test_two_passes_with_gradient_accumulation(tmp_path):

@@ -27,6 +27,12 @@ HELP = {
     "allow_reference_mismatch": "train although samples/pairs were not drawn from this reference model (recorded)",
     "trust_remote_code": "allow the model folder's own code (off by default)",
     "lora_r": "LoRA rank (0 = full fine-tuning)",
+    # the cost of a step: the same loss and gradients whatever they are (docs/cost.md)
+    "sequences_per_pass": "at most N sequences per forward/backward pass: the exact two-pass step, memory set by N "
+                          "instead of the batch's B(2+K) sequences, one more forward pass (default: all in one)",
+    "share_prompt": "pack each prompt once with its 2+K completions (block attention mask): faster for long prompts "
+                    "(default off)",
+    "bf16": "bfloat16 autocast over float32 weights (CPU and CUDA)",
 }
 
 

@@ -30,6 +30,8 @@ _HELP = {
     "samples": "a `vrpo sample` folder: reference samples joined by prompt_id; its manifest is checked",
     "ref_model": "pi_ref, to check the samples' provenance against",
     "training_args": "JSON object of further transformers.TrainingArguments",
+    "sequences_per_pass": "at most N sequences per forward/backward pass (the exact two-pass step; docs/cost.md)",
+    "share_prompt": "pack each prompt once with its 2+K completions; scores read at each completion's last token",
 }
 
 
