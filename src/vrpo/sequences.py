@@ -250,7 +250,11 @@ def lm_head_for_chunks(model):
         if getattr(text, name, None) not in (None, 1, 1.0) or getattr(config, name, None) not in (None, 1, 1.0):
             return None
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    return head if isinstance(head, torch.nn.Module) else None
+    if not isinstance(head, torch.nn.Module):
+        return None
+    # a sharded weight (FSDP2's DTensor, a ZeRO-3 partition) exists whole only inside the model's forward
+    sharded = any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in head.parameters())
+    return None if sharded else head
 
 
 def logits_chunk_tokens(head) -> int:

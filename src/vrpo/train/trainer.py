@@ -96,41 +96,45 @@ class SequenceLossTrainer(Trainer):
         (weights,) = torch.autograd.grad(loss, values)  # w_s = dL/dv_s
         loss = loss.detach()
         for i, chunk in enumerate(chunks):  # pass 3: grad L = sum_s w_s grad v_s, one chunk at a time
-            _set_rng_state(states[i])
-            fresh = self.sequence_values(model, chunk)
-            self._check_replay(fresh, values.detach()[chunk["sequence_ids"]])
-            surrogate = (weights[chunk["sequence_ids"]] * fresh).sum()
-            if i < len(chunks) - 1:
-                self._backward_within_step(model, surrogate)
+            last = i == len(chunks) - 1
+            with contextlib.nullcontext() if last else self._inside_step(model):
+                _set_rng_state(states[i])
+                fresh = self.sequence_values(model, chunk)
+                self._check_replay(fresh, values.detach()[chunk["sequence_ids"]])
+                surrogate = (weights[chunk["sequence_ids"]] * fresh).sum()
+                if not last:  # scaled as Trainer.training_step scales its loss (ours is never pre-scaled)
+                    loss_part = surrogate / getattr(self, "current_gradient_accumulation_steps", 1)
+                    self.accelerator.backward(loss_part, **self._backward_kwargs())
         # the value of the loss; its gradient is the last chunk's, for the Trainer's own backward
         return loss + (surrogate - surrogate.detach()), outputs
 
-    def _backward_within_step(self, model, surrogate: torch.Tensor) -> None:
-        """``accelerator.backward`` of one chunk that is not the step's last: scaled as
-        ``Trainer.training_step`` scales its loss, without synchronising gradients across
-        processes (the last chunk's backward does), and under DeepSpeed without the engine's
-        optimizer step (which accelerate runs after a backward at an accumulation boundary)."""
+    def _backward_kwargs(self) -> dict:
         from accelerate.utils import DistributedType
 
-        loss = surrogate / getattr(self, "current_gradient_accumulation_steps", 1)
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            with self._deepspeed_inside_boundary():
-                self.accelerator.backward(loss, scale_wrt_gas=False)
-            return
-        # inside a non-final accumulation micro-batch the Trainer has already turned synchronisation off
-        defer = self.accelerator.no_sync(model) if self.accelerator.sync_gradients else contextlib.nullcontext()
-        with defer:
-            self.accelerator.backward(loss)
+        # as Trainer.training_step: DeepSpeed must not scale again for gradient accumulation
+        return {"scale_wrt_gas": False} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {}
 
     @contextlib.contextmanager
-    def _deepspeed_inside_boundary(self):
+    def _inside_step(self, model):
+        """Forward and backward of a chunk that is not the step's last: no gradient
+        synchronisation across processes (the last chunk's backward synchronises the sum),
+        and under DeepSpeed no optimizer step (accelerate steps the engine after every
+        backward at an accumulation boundary)."""
+        from accelerate.utils import DistributedType
+
         state = self.accelerator.gradient_state
-        boundary = state.sync_gradients
-        state._set_sync_gradients(False)  # accelerate's DeepSpeed wrapper steps the engine when True
-        try:
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            boundary = state.sync_gradients
+            state._set_sync_gradients(False)
+            try:
+                yield
+            finally:
+                state._set_sync_gradients(boundary)
+        elif state.sync_gradients:  # else the Trainer already runs this micro-batch without synchronisation
+            with self.accelerator.no_sync(model):
+                yield
+        else:
             yield
-        finally:
-            state._set_sync_gradients(boundary)
 
     def _check_replay(self, fresh: torch.Tensor, first: torch.Tensor) -> None:
         """Once per run: the gradient pass must recompute the values of the first pass."""
