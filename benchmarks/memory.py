@@ -201,15 +201,17 @@ def report(memory: dict, wall: dict, cpu: dict, folder: Path, args) -> None:
               + " | " + " ".join(f"{r['cpu_s']:15.2f}" for r in row))
     n = args.sequences_per_pass
     top = max(ks)
-    r = med[("vrpo", top, "two-pass")]["growth_mb"] / med[("dpo", None, "two-pass")]["growth_mb"]
-    print(f"\ntwo-pass VRPO K={top} / two-pass DPO peak growth at {n} sequences per pass: {r:.2f}x "
-          f"(target <= 1.30x) {'OK' if r <= 1.3 else 'MISSED'}")
+    print()
+    if not args.no_memory:
+        r = med[("vrpo", top, "two-pass")]["growth_mb"] / med[("dpo", None, "two-pass")]["growth_mb"]
+        print(f"two-pass VRPO K={top} / two-pass DPO peak growth at {n} sequences per pass: {r:.2f}x "
+              f"(target <= 1.30x) {'OK' if r <= 1.3 else 'MISSED'}")
     for k in ks:
         method, kk = ("dpo", None) if k == 0 else ("vrpo", k)
         two, one = med[(method, kk, "two-pass")], med[(method, kk, "one-pass")]
         print(train_step.ratio_line(f"{method} K={k}: two-pass / one-pass step time", two["step_s"] / one["step_s"],
                                     two["cpu_s"] / one["cpu_s"], 1.4))
-    if 8 in ks:
+    if 8 in ks and not args.no_memory:
         init = load_file(str(folder / "model" / "model.safetensors"))
         g = med[("vrpo", 8, "full-logits")]["growth_mb"] / med[("vrpo", 8, "two-pass")]["growth_mb"]
         print(f"VRPO K=8, batch {args.pairs}: previous one-pass growth / two-pass growth (--sequences-per-pass {n}): "
@@ -235,6 +237,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--completion-tokens", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for the step times (default: torch's)")
+    ap.add_argument("--no-memory", action="store_true", help="step times only (no memory children)")
     ap.add_argument("--tiny", action="store_true", help="smoke run: small vocabulary, K = 0 and 8, one round")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -257,11 +261,14 @@ def main() -> None:
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device {device}; GPT-2 d=128, 2 layers, vocabulary {args.vocab}; {args.pairs} prompts of "
           f"~{args.prompt_tokens} tokens, completions of ~{args.completion_tokens}; {train_step.load_average()}")
-    memory = {s: run_child(s, folder, args)["growth_mb"] for s in settings(args.ks)}
+    memory = {s: float("nan") if args.no_memory else run_child(s, folder, args)["growth_mb"] for s in settings(args.ks)}
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = train_step.load_average()
     steps = {s: train_step.step_fn(*trainer_of(s, folder, args.sequences_per_pass)) for s in settings(args.ks)}
     wall, cpu = train_step.paired_times(steps, args.rounds, 1)
-    print(f"step times: medians of {args.rounds} paired rounds in one process; {start} at start, "
+    print(f"step times: medians of {args.rounds} paired rounds in one process, {torch.get_num_threads()} threads; "
+          f"{start} at start, "
           f"{train_step.load_average()} at end")
     report(memory, wall, cpu, folder, args)
 
