@@ -119,11 +119,20 @@ def fingerprint_tokenizer(tokenizer_or_path) -> str:
     return "mem:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
+# the table a vrpo folder holds (`vrpo score`, `vrpo label`, `vrpo sample`): a folder passed as data is
+# identified by it, not by its manifest's time stamps or its resumable shards
+DATA_TABLES = ("data.parquet", "pairs.jsonl", "samples.parquet")
+
+
 def fingerprint_data(path_or_dataset) -> str:
-    """Fingerprint of a data file's bytes, a folder's files, or a ``datasets.Dataset``."""
+    """Fingerprint of a data file's bytes, a vrpo folder's table (``DATA_TABLES``), any other
+    folder's files, or a ``datasets.Dataset``."""
     if hasattr(path_or_dataset, "_fingerprint"):
         return "dataset:" + str(path_or_dataset._fingerprint)
     p = Path(path_or_dataset)
+    table = next((p / name for name in DATA_TABLES if (p / name).is_file()), None) if p.is_dir() else None
+    if table is not None:
+        return fingerprint_files([table])
     if p.is_dir():
         return fingerprint_files([q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")], p)
     if p.is_file():
