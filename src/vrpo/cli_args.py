@@ -156,5 +156,5 @@ class OneLineParser(argparse.ArgumentParser):
 def add_overwrite_flag(p: argparse.ArgumentParser, what: str = "the output folder") -> None:
     """``--overwrite``: the one way, shared by every command, to start ``--out`` over."""
     p.add_argument("--overwrite", action="store_true",
-                   help=f"delete {what} and start over when it was made from other inputs (default: refuse, "
-                        "naming what differs; a folder made from the same inputs is resumed)")
+                   help=f"delete the contents of {what} and start over (default: a folder made from the same "
+                        "inputs is resumed, one made from other inputs is refused, naming what differs)")

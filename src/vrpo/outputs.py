@@ -12,9 +12,10 @@ in ``inputs.json``:
 - a new or empty folder: the record is written, the command starts;
 - a folder whose record equals the inputs: the command resumes;
 - a folder whose record differs: a one-line ``UserError`` naming what differs (the first
-  few keys, old -> new), unless ``--overwrite``, which deletes the folder's contents and
-  starts over; a folder that holds only its record (a run stopped by bad input before it
-  computed anything) is taken for the new inputs;
+  few keys, old -> new); a folder that holds only its record (a run stopped by bad input
+  before it computed anything) is taken for the new inputs;
+- ``--overwrite``: a folder vrpo recorded as its own is emptied and started over, whatever
+  inputs made it;
 - a non-empty folder without a record (not ours, or written by an older vrpo): refused
   always; ``--overwrite`` deletes only folders that vrpo recorded as its own.
 
@@ -139,13 +140,12 @@ def claim_output(path: str | Path, command: str, inputs: dict, *, overwrite: boo
         return folder
     reason = _refusal(folder, command, inputs, flag)
     old = read_record(folder)
-    if reason is None:
-        if old is not None and old.get("command") == command and old.get("inputs") == inputs:
-            return folder  # resume
-    elif overwrite and old is not None:
-        _clear(folder)
-    else:
+    if overwrite and old is not None:
+        _clear(folder)  # start over, whatever made the folder (a damaged checkpoint of the same inputs too)
+    elif reason is not None:
         raise UserError(reason)  # other inputs without --overwrite, or a folder vrpo never recorded as its own
+    elif old is not None and old.get("command") == command and old.get("inputs") == inputs:
+        return folder  # resume
     from vrpo.provenance import atomic_write_json
 
     atomic_write_json(folder / RECORD, {"command": command, "inputs": inputs})

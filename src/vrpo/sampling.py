@@ -257,10 +257,11 @@ def sample_inputs(model_path: str, prompts_path: str, settings: dict, token_sett
     """Everything that determines the samples table (the reuse record of ``--out``): the model,
     tokenizer and prompts by fingerprint, and every setting. ``batch_size`` and ``shard_size``
     are in it: they set the seed of each generate call."""
+    from vrpo.errors import check_readable
     from vrpo.provenance import fingerprint_data, fingerprint_model, fingerprint_tokenizer
 
-    return {"model": fingerprint_model(model_path), "tokenizer": fingerprint_tokenizer(model_path),
-            "prompts": fingerprint_data(prompts_path), "max_prompts": max_prompts, **settings, "seed": seed,
+    prompts = fingerprint_data(check_readable(prompts_path, "--prompts", "a prompts or preference file"))
+    return {"model": fingerprint_model(model_path), "tokenizer": fingerprint_tokenizer(model_path), "prompts": prompts, "max_prompts": max_prompts, **settings, "seed": seed,
             "batch_size": batch_size, "shard_size": shard_size, "tokenization": token_settings}
 
 

@@ -61,10 +61,12 @@ def score_inputs(aux_spec: str, data: str, samples: str | None, *, chunk_size: i
     """Everything that determines the scored table (the reuse record of ``--out``). The chunk
     size is in it: finished chunks are found by their index."""
     from vrpo.aux.base import aux_identity
+    from vrpo.errors import check_readable
     from vrpo.provenance import fingerprint_data
     from vrpo.sampling import samples_fingerprint
 
-    return {"aux": aux_identity(aux_spec), "data": fingerprint_data(data), "max_rows": max_rows,
+    data_fp = fingerprint_data(check_readable(data, "--data", "a preference file"))
+    return {"aux": aux_identity(aux_spec), "data": data_fp, "max_rows": max_rows,
             "samples": samples_fingerprint(samples) if samples else None, "chunk_size": chunk_size}
 
 

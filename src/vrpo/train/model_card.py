@@ -41,7 +41,7 @@ def card_header(tags: list[str], base_model: str | None = None, datasets: list[s
     lines = ["---", "library_name: transformers"]
     if base_model:
         lines.append(f"base_model: {base_model}")
-    lines += ["tags:"] + [f"- {t}" for t in tags]
+    lines += ["tags:"] + [f"- {t}" for t in dict.fromkeys(tags)]
     known = [d for d in (datasets or []) if d]
     if known:
         lines += ["datasets:"] + [f"- {d}" for d in known]
@@ -57,7 +57,7 @@ def method_settings_lines(cfg, method) -> list[str]:
             continue  # the samples are described under provenance
         value = getattr(cfg, name)
         if value is not None:  # None: the data's own K, stated with the provenance
-            lines.append(f"- {name} = {value}: {SETTINGS[name].help.split(' (')[0]}")
+            lines.append(f"- {name} = {value}: {SETTINGS[name].help.split('; ')[0].split(' (')[0]}")
     return lines
 
 

@@ -66,8 +66,7 @@ class RewardModelConfig(TrainingSettings):
 
     method: str = "bt"  # bt (Bradley-Terry) or vrpo
     per_device_train_batch_size: int = 8  # prompts per step and device; each brings 2 + K sequences
-    logging_steps: int = 10
-    save_steps: int = 200
+    # logging and checkpoints as `vrpo train`'s (the same console and metrics.jsonl lines)
 
     def _engine_settings(self) -> dict:
         return {"data_seed": self.seed}
