@@ -58,8 +58,8 @@ def write_scored(path: Path, n: int = 6, k: int = 3) -> Path:
 def write_samples_folder(folder: Path, table: list[dict], **manifest) -> Path:
     """A samples folder as `vrpo sample` leaves it: samples.parquet and a manifest that records
     the table's sha256 (what training and scoring verify)."""
-    from vrpo.provenance import write_manifest
-    from vrpo.sampling import SAMPLES_FILE, file_sha256, write_parquet
+    from vrpo.provenance import file_sha256, write_manifest
+    from vrpo.sampling import SAMPLES_FILE, write_parquet
 
     folder.mkdir(parents=True, exist_ok=True)
     write_parquet(folder / SAMPLES_FILE, table)

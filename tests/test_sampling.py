@@ -127,7 +127,8 @@ def test_an_edited_row_of_the_samples_table_is_refused(tmp_path, sampled):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vrpo.sampling import file_sha256, samples_fingerprint
+    from vrpo.provenance import file_sha256
+    from vrpo.sampling import samples_fingerprint
 
     assert samples_fingerprint(sampled) == read_manifest(sampled)["table_sha256"] == file_sha256(sampled / "samples.parquet")
     for change in ("ref_logps", "samples"):

@@ -106,7 +106,7 @@ def test_train_rm_command_end_to_end(setup, tmp_path, method):
     for name in ("config.yaml", "versions.json", "manifests/provenance.json", "README.md", "model.safetensors"):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\n") and f"- reward-model\n- {method}\n" in card
+    assert card.startswith("---\nlibrary_name: transformers\ntags:\n- vrpo\n- reward-model\n") and f"- {method}\n" in card
     # the folder is a reward model for the policy stage, and training moved it on the data
     model, tok = load_reward_model(out)
     assert model.config.num_labels == 1

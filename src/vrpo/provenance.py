@@ -26,7 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 PACKAGES = ("vrpo", "torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "peft", "trl", "numpy")
 
 __all__ = [
-    "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fingerprint_files", "fingerprint_model",
+    "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "file_sha256", "fingerprint_files", "fingerprint_model",
     "fingerprint_tokenizer", "fingerprint_data", "package_versions", "now_utc", "write_manifest",
     "read_manifest", "reference_problems", "check_reference",
 ]
@@ -66,6 +66,14 @@ def _hash_file(h, path: Path, chunk: int = 1 << 20) -> None:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (what ``sha256sum FILE`` prints): the checksum a manifest
+    records for the table beside it."""
+    h = hashlib.sha256()
+    _hash_file(h, Path(path))
+    return h.hexdigest()
 
 
 def fingerprint_files(paths: Iterable[Path], root: Path | None = None) -> str:

@@ -218,23 +218,12 @@ def read_samples(folder: str | Path, flag: str = "--samples") -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (what ``sha256sum FILE`` prints)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def samples_fingerprint(folder: str | Path, flag: str = "--samples") -> str:
     """The sha256 of ``samples.parquet`` that ``vrpo sample`` recorded in its manifest, once the
     table is checked against it: a row edited after sampling (a log-prob, a sample's text)
     would otherwise train silently with a wrong reference term."""
     from vrpo.errors import UserError
-    from vrpo.provenance import read_manifest
+    from vrpo.provenance import file_sha256, read_manifest
 
     path = Path(folder) / SAMPLES_FILE
     for name in (SAMPLES_FILE, "manifest.json"):
@@ -320,7 +309,7 @@ def _sample_into(out_dir: Path, state, model_path: str, prompts_path: str, setti
     from tqdm.auto import tqdm
 
     from vrpo.data import load_prompts
-    from vrpo.provenance import write_manifest
+    from vrpo.provenance import file_sha256, write_manifest
 
     model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code=trust_remote_code)
     model.to(state.device)
@@ -349,7 +338,7 @@ def _sample_into(out_dir: Path, state, model_path: str, prompts_path: str, setti
     if state.is_main_process:
         rows = _merge_shards(out_dir, len(shards))
         manifest["num_truncated"] = sum(sum(r["truncated"]) for r in rows)
-        manifest["table_sha256"] = file_sha256(out_dir / SAMPLES_FILE)
+        manifest["table_sha256"] = file_sha256(out_dir / SAMPLES_FILE)  # checked by every reader
         write_manifest(out_dir, dict(manifest, complete=True))
     state.wait_for_everyone()
     return out_dir / SAMPLES_FILE

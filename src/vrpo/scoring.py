@@ -95,7 +95,8 @@ def _score_into(out_dir: Path, aux_spec: str, data: str, samples: str | None, *,
     from vrpo.aux import resolve_aux
     from vrpo.data import attach_reference_samples, load_preferences
     from vrpo.provenance import read_manifest, write_manifest
-    from vrpo.sampling import file_sha256, read_samples, write_parquet
+    from vrpo.provenance import file_sha256
+    from vrpo.sampling import read_samples, write_parquet
 
     rows = load_preferences(data, max_rows=max_rows).to_list()
     samples_manifest = None

@@ -247,7 +247,7 @@ def _fit_aux_fingerprint(folder: Path) -> str:
         h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name in ("model.safetensors", "oof.parquet"):
         if (folder / name).is_file():
-            from vrpo.sampling import file_sha256
+            from vrpo.provenance import file_sha256
 
             h.update(f"{name}:{file_sha256(folder / name)}".encode())
     return h.hexdigest()

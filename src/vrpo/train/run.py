@@ -59,7 +59,7 @@ def check_scored_folder(folder: Path) -> dict:
     """The manifest of a `vrpo score` folder, once its table is checked against the sha256 the
     manifest recorded: the reference log-probs of the samples travel in that table."""
     from vrpo.errors import UserError
-    from vrpo.sampling import file_sha256
+    from vrpo.provenance import file_sha256
 
     manifest = read_manifest(folder)
     recorded = manifest.get("table_sha256")
