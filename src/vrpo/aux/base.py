@@ -110,11 +110,16 @@ class CallableAux(AuxModel):
         self.name = name or getattr(fn, "__name__", "callable")
 
     def _predict_raw(self, prompts, responses_a, responses_b):
+        return self._call(self.fn, prompts, responses_a, responses_b)
+
+    def _call(self, fn: Callable, prompts, responses_a, responses_b) -> np.ndarray:
+        """``fn`` on one batch of pairs, inside the boundary of the user's code: its exception,
+        or a return value that is not one number per pair, is a one-line error naming the spec."""
         from vrpo.errors import UserError, user_code
 
         spec = f"--aux {self.name}"
         with user_code(spec):
-            values = self.fn(list(prompts), list(responses_a), list(responses_b))
+            values = fn(list(prompts), list(responses_a), list(responses_b))
         expected = f"expected a list of {len(prompts)} probabilities (numbers in [0, 1]), one per pair"
         if values is None or isinstance(values, (str, bytes)) or np.ndim(values) == 0:
             raise UserError(f"{spec}: returned {type(values).__name__} {values!r:.40}; {expected}")
