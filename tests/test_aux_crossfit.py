@@ -150,3 +150,14 @@ def test_fold_by_pair_keeps_copies_of_a_pair_in_one_fold():
     assert abs(grouped.oof_proba.mean() - 0.5) < 0.05  # never saw either response of the pair: no information
     ids = grouped.fold_ids
     assert all(ids[i] == ids[i + n] for i in range(n))
+
+
+def test_out_of_fold_predictions_are_joined_by_the_whole_pair_text(tmp_path):
+    """The join compares the prompt text too: the same responses under another prompt have
+    no out-of-fold prediction (a model may have seen that pair's label)."""
+    from vrpo.aux.io import write_oof
+
+    write_oof(tmp_path, ["Review: good", "Review: bad"], ["a", "a"], ["b", "b"], ["1", "2"], [0.7, 0.4], [0, 1])
+    assert load_oof(tmp_path, ["Review: bad"], ["a"], ["b"]).tolist() == [0.4]
+    with pytest.raises(ValueError, match=r"no out-of-fold prediction for row 0"):
+        load_oof(tmp_path, ["Review: other"], ["a"], ["b"])
