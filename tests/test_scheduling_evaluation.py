@@ -73,11 +73,12 @@ def test_workflow_refuses_to_resume_a_run_with_other_settings(tmp_path):
     first = Workflow(tmp_path, resolve_settings(args), "m", 0, 0.1)
     first.model = "m"
     first.check_resume()
+    (tmp_path / "prompts").mkdir()  # a finished step
     first.check_resume()  # same settings: fine
     args.max_steps = 7
     other = Workflow(tmp_path, resolve_settings(args), "m", 0, 0.1)
     other.model = "m"
-    with pytest.raises(ValueError, match="max_steps"):
+    with pytest.raises(ValueError, match="settings.max_steps: 2 -> 7"):
         other.check_resume()
     args.max_steps = 0
     with pytest.raises(ValueError, match="--max-steps 0"):

@@ -32,15 +32,19 @@ PLURALISM_NOTE = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vrpo.cli_args import POSITIVE_INT, add_overwrite_flag
+
     parser.add_argument("--data", required=True, help="labelled preference pairs (JSONL, Parquet, CSV, saved dataset)")
     parser.add_argument("--aux", required=True,
                         help="a `vrpo fit-aux` folder (its out-of-fold predictions are used when they cover the data), "
-                             "module:function / file.py:function (a judge), or column:NAME (precomputed g)")
+                             "module:function / file.py:function (a judge: vrpo imports and RUNS this code, so pass "
+                             "only code you trust), or column:NAME (precomputed g)")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--slice-column", default=None,
                         help=f"column to summarise by (default: the first of {list(SLICE_COLUMNS)} present)")
-    parser.add_argument("--top", type=int, default=20, help="pairs listed in audit.md")
-    parser.add_argument("--max-rows", type=int, default=None, help="use only the first N pairs")
+    parser.add_argument("--top", type=POSITIVE_INT, default=20, help="pairs listed in audit.md")
+    parser.add_argument("--max-rows", type=POSITIVE_INT, default=None, help="use only the first N pairs (default: all)")
+    add_overwrite_flag(parser)
 
 
 def aux_probabilities(spec: str, data) -> tuple[list[float], str]:
@@ -162,18 +166,21 @@ def plot_histogram(g, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from vrpo.aux.base import aux_identity
     from vrpo.data import load_preferences
-    from vrpo.provenance import atomic_write_text
+    from vrpo.errors import check_readable
+    from vrpo.outputs import claim_output
+    from vrpo.provenance import atomic_write_text, fingerprint_data
 
-    if args.top < 1:
-        raise ValueError(f"--top {args.top}: expected at least 1")
+    inputs = {"data": fingerprint_data(check_readable(args.data, "--data", "a preference file")),
+              "max_rows": args.max_rows, "aux": aux_identity(args.aux), "slice_column": args.slice_column, "top": args.top}
+    claim_output(args.out, "audit", inputs, overwrite=args.overwrite)
     data = load_preferences(args.data, max_rows=args.max_rows)
     slice_col = slice_column(data, args.slice_column)
     g, source = aux_probabilities(args.aux, data)
     table = disagreement_table(data, g, slice_col)
     summary = slice_summary(table)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tmp = out / "audit.csv.tmp"
     table.to_csv(tmp, index=False)
     os.replace(tmp, out / "audit.csv")

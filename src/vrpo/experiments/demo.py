@@ -15,7 +15,10 @@ DEMO_STEPS: list[list[str]] = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo); rerun to resume")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start each step's folder over (passed to every step; default: resume a folder made "
+                             "from the same inputs, refuse one made from others)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     for step in DEMO_STEPS:
-        argv = [a.replace("{out}", str(out)) for a in step]
+        argv = [a.replace("{out}", str(out)) for a in step] + (["--overwrite"] if args.overwrite else [])
         print(f"\n=== vrpo {' '.join(argv)}", flush=True)
         t = time.perf_counter()
         rc = main(argv)

@@ -139,4 +139,4 @@ def load_policy(folder: str | Path):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return GPT2LMHeadModel.from_pretrained(folder).eval(), tokenizer
+    return GPT2LMHeadModel.from_pretrained(folder, use_safetensors=True).eval(), tokenizer

@@ -34,7 +34,7 @@ def train_config(setup, spec: MethodSpec, seed: int, data_file: Path, samples_di
         cache_dir=str(Path(setup.out) / "cache" / "ref-logps"),
         # the misspecified-pi_ref rows use samples of a tempered pi_ref ON PURPOSE; the
         # mismatch is recorded in the run's provenance instead of refused
-        allow_reference_mismatch=spec.reference == "misspecified", resume=True,
+        allow_reference_mismatch=spec.reference == "misspecified",
         training_args={"use_cpu": True, "dataloader_num_workers": 0},
     )
 

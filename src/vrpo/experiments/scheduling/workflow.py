@@ -39,20 +39,26 @@ REFERENCE = "pi_ref"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    parser.add_argument("--out", default=None, help="output folder (default runs/scheduling-PRESET); rerun to resume")
-    parser.add_argument("--model", default=None, help="pi_ref folder (default: SmolLM2-135M-Instruct, converted and cached)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-regression", type=float, default=0.1, help="gate threshold (see `vrpo gate`)")
+    from vrpo.cli_args import PROBABILITY, SEED, POSITIVE_INT, add_overwrite_flag, int_at_least
+
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="sizes of every step")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/scheduling-PRESET); rerun to resume")
+    parser.add_argument("--model", default=None,
+                        help="pi_ref folder (default: SmolLM2-135M-Instruct, converted and cached)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of prompts, samples, labels and training")
+    parser.add_argument("--max-regression", type=PROBABILITY, default=0.1, help="gate threshold (see `vrpo gate`)")
     for key in ("train_per_slice", "eval_per_slice", "max_steps", "max_new_tokens", "num_ref_samples"):
-        parser.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="override the preset")
+        kind = int_at_least(2) if key == "num_ref_samples" else POSITIVE_INT
+        parser.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
+                            help="override the preset's value (default: the preset's)")
+    add_overwrite_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = resolve_settings(args)
     out = Path(args.out or f"runs/scheduling-{args.preset}")
     start = time.time()
-    steps = Workflow(out, settings, args.model, args.seed, args.max_regression)
+    steps = Workflow(out, settings, args.model, args.seed, args.max_regression, overwrite=args.overwrite)
     results = steps.run_all()
     results["seconds"] = round(time.time() - start, 1)
     results["step_seconds"] = dict(STEP_SECONDS)  # steps run this time (finished steps are skipped on resume)
@@ -68,8 +74,9 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     for key in ("train_per_slice", "eval_per_slice", "max_steps", "max_new_tokens", "num_ref_samples"):
         value = getattr(args, key, None)
         if value is not None:
-            if value < 1:
-                raise ValueError(f"--{key.replace('_', '-')} {value}: expected a positive integer")
+            from vrpo.cli_args import POSITIVE_INT
+
+            POSITIVE_INT.check(value, f"--{key.replace('_', '-')}")
             settings[key] = value
     if settings["num_ref_samples"] < 2:
         raise ValueError(f"--num-ref-samples {settings['num_ref_samples']}: expected at least 2")
@@ -93,9 +100,10 @@ def vrpo(*argv: str) -> None:
 
 
 class Workflow:
-    def __init__(self, out: Path, settings: dict, model: str | None, seed: int, max_regression: float):
+    def __init__(self, out: Path, settings: dict, model: str | None, seed: int, max_regression: float,
+                 overwrite: bool = False):
         self.out, self.s, self.seed, self.max_regression = out, settings, seed, max_regression
-        self.model_arg = model
+        self.model_arg, self.overwrite = model, overwrite
 
     def path(self, *parts: str) -> str:
         return str(self.out.joinpath(*parts))
@@ -121,18 +129,15 @@ class Workflow:
         return self.evaluate(eval_rows, responses, gates)
 
     def check_resume(self) -> None:
-        """Finished steps are skipped on a rerun: only safe when the settings are the same."""
-        from vrpo.provenance import atomic_write_json
+        """Finished steps are skipped on a rerun: only safe when the inputs are the same
+        (``vrpo.outputs.claim_output``; ``--overwrite`` starts over). The gate threshold is
+        not among them: the gate runs again every time."""
+        from vrpo.outputs import claim_output
+        from vrpo.provenance import fingerprint_model
 
-        record = {"settings": self.s, "model": self.model, "seed": self.seed}
-        path = self.out / "workflow.json"
-        if path.exists():
-            old = json.loads(path.read_text())
-            if old != json.loads(json.dumps(record)):
-                changed = sorted(k for k in set(old["settings"]) | set(self.s) if old["settings"].get(k) != self.s.get(k))
-                raise ValueError(f"--out {self.out}: holds a run with other settings ({', '.join(changed) or 'model/seed'}"
-                                 " differ); use another --out or delete it")
-        atomic_write_json(path, record)
+        model = fingerprint_model(self.model) if Path(self.model).is_dir() else self.model
+        claim_output(self.out, "reproduce scheduling", {"settings": self.s, "model": model, "seed": self.seed},
+                     overwrite=self.overwrite)
 
     # ---- data ------------------------------------------------------------------------
     def write_prompts(self) -> tuple[list[dict], list[dict]]:
