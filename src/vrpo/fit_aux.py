@@ -4,7 +4,9 @@ how good it is on pairs it did not see.
     vrpo fit-aux --data prefs.jsonl --model gpm-minilm --folds 5 --out AUX_DIR
 
 Each labelled pair (prompt, chosen, rejected) is a training example with label 1 (chosen
-won). Writes to AUX_DIR:
+won), seen as ``vrpo.data.aux_texts`` gives it: conversational rows are rendered with the
+chat template of ``--tokenizer`` (the reference model's folder) and each reply is plain text.
+Writes to AUX_DIR:
 
 - ``aux_config.json`` + ``model.safetensors``: the model for reference pairs (the fold
   average by default; ``--reference full`` refits on all pairs), loadable with
@@ -45,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="pairs per step")
     parser.add_argument("--dim", type=int, default=None, help="GPM embedding size 2m (even, default 16)")
     parser.add_argument("--hidden", type=int, default=None, help="hidden width of the head (default 256)")
+    # conversational data (message lists): which chat template renders it
+    parser.add_argument("--tokenizer", default=None,
+                        help="the reference model's folder, whose chat template renders conversational rows "
+                             "(as `vrpo sample` did; plain-string data needs none)")
 
 
 def model_factory(name: str, seed: int, args: argparse.Namespace | None = None):
@@ -68,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
     from vrpo.aux import calibration
     from vrpo.aux.crossfit import cross_fit
     from vrpo.aux.io import save_aux, write_oof
-    from vrpo.data import load_preferences
+    from vrpo.data import aux_texts, chat_template_source, load_preferences
     from vrpo.provenance import atomic_write_json, fingerprint_data
 
-    data = load_preferences(args.data, max_rows=args.max_rows)
-    prompts, chosen, rejected = list(data["prompt"]), list(data["chosen"]), list(data["rejected"])
+    data = load_preferences(args.data, chat_template_source(tokenizer=args.tokenizer), max_rows=args.max_rows)
+    prompts, chosen, rejected = aux_texts(data)
     labels = np.ones(len(prompts))  # label 1: the first response (chosen) won
     groups = list(data["prompt_id"]) if args.fold_by == "prompt" else None
     result = cross_fit(model_factory(args.model, args.seed, args), prompts, chosen, rejected, labels,

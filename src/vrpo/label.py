@@ -1,8 +1,8 @@
 """``vrpo label``: a simulated reviewer panel labels pairs of reference samples.
 
 Takes the first two samples of each prompt in a ``vrpo sample`` folder (two responses
-drawn from pi_ref: the labelled pair of METHOD.md) and asks the panel (``vrpo.gate.PANELS``)
-which one it prefers. One reviewer labels each pair: a group drawn by its share, who may be
+drawn from pi_ref: the labelled pair the estimator assumes, docs/method.md) and asks the
+panel (``PANELS``) which one it prefers. One reviewer labels each pair: a group drawn by its share, who may be
 fatigued (a coin flip), so the label's expectation is the panel's p*.
 
 Output ``OUT/pairs.jsonl``: ``prompt_id``, ``prompt``, ``chosen``, ``rejected``, ``slice``,
@@ -19,11 +19,14 @@ import json
 from pathlib import Path
 
 PAIRS_FILE = "pairs.jsonl"
+# name -> "module:attribute" of a panel object with .label(prompts, a, b, random_state),
+# .preference_prob(prompts, a, b) (p*), .slices(prompts), .fatigue and .groups.
+PANELS: dict[str, str] = {
+    "scheduling": "vrpo.experiments.scheduling.panel:DEFAULT_PANEL",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vrpo.gate import PANELS
-
     parser.add_argument("--samples", required=True, help="a `vrpo sample` folder with at least 2 samples per prompt")
     parser.add_argument("--out", required=True, help="output folder (pairs.jsonl + manifest.json)")
     parser.add_argument("--panel", default="scheduling", choices=sorted(PANELS), help="the reviewer panel")
@@ -31,7 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vrpo.gate import load_panel
     from vrpo.provenance import atomic_write_text, now_utc, read_manifest, write_manifest
     samples_dir = Path(args.samples)
     if not (samples_dir / "manifest.json").exists():
@@ -51,6 +53,15 @@ def run(args: argparse.Namespace) -> int:
     for name, s in summary.items():
         print(f"  {name:20s} n={s['n']:4d}  label against p* majority: {s['against_majority']:.2f}  fatigued: {s['fatigued']:.2f}")
     return 0
+
+
+def load_panel(name: str):
+    import importlib
+
+    if name not in PANELS:
+        raise ValueError(f"--panel {name}: unknown; expected one of {sorted(PANELS)}")
+    module, attr = PANELS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def read_samples(folder: Path) -> list[dict]:

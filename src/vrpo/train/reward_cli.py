@@ -28,7 +28,8 @@ _HELP = {
     "out": "run folder; it is also the reward-model folder `vrpo rl --reward-model` takes",
     "method": "bt (Bradley-Terry) or vrpo",
     "samples": "a `vrpo sample` folder: reference samples joined by prompt_id; its manifest is checked",
-    "ref_model": "pi_ref, to check the samples' provenance against",
+    "ref_model": "pi_ref, to check the samples' provenance against; its chat template renders conversational rows "
+                 "(default: the model the --samples manifest names, else --model)",
     "training_args": "JSON object of further transformers.TrainingArguments",
 }
 

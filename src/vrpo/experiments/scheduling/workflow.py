@@ -7,7 +7,8 @@ killed run resumes; the commands themselves resume too):
     prompts  -> sample (K=2, the candidates the panel labels) -> label (reviewer panel)
              -> sample (K reference samples, another seed) -> fit-aux (GPM on MiniLM, cross-fitted)
              -> audit -> score -> train DPO and VRPO (LoRA, same steps, same batch)
-             -> responses on held-out prompts -> evaluate by slice under p* -> gate vs pi_ref
+             -> responses on held-out prompts -> evaluate by slice under p*
+             -> vrpo gate vs pi_ref (--rubrics panel:rubrics --judge panel:oracle_prob)
 
 Outputs in OUT: ``results.json``, ``results.md`` (slice tables + gate verdicts),
 ``win_rates.png``, ``rubrics.png``, and every step's folder.
@@ -36,6 +37,9 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "vrpo_oracle": ("vrpo", "vrpo.experiments.scheduling.panel:oracle_prob"),  # g = p*
 }
 REFERENCE = "pi_ref"
+# The reviewer panel through `vrpo gate`'s general interface: its rubrics and its p* as the judge.
+PANEL_RUBRICS = "vrpo.experiments.scheduling.panel:rubrics"
+PANEL_JUDGE = "vrpo.experiments.scheduling.panel:oracle_prob"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -204,8 +208,8 @@ class Workflow:
         from vrpo.cli import main
 
         argv = ["gate", "--policy", self.path("eval", name), "--baseline", self.path("eval", REFERENCE),
-                "--data", self.path("prompts", "eval.jsonl"), "--max-regression", str(self.max_regression),
-                "--out", self.path("gate", name)]
+                "--data", self.path("prompts", "eval.jsonl"), "--rubrics", PANEL_RUBRICS, "--judge", PANEL_JUDGE,
+                "--max-regression", str(self.max_regression), "--seed", str(self.seed), "--out", self.path("gate", name)]
         print(f"\n$ vrpo {' '.join(argv)}", flush=True)
         code = main(argv)
         if code not in (0, 1):
@@ -217,15 +221,15 @@ class Workflow:
         from vrpo.aux.io import load_oof
         from vrpo.data import read_rows
         from vrpo.experiments.scheduling import evaluation as ev
-        from vrpo.experiments.scheduling.panel import DEFAULT_PANEL as panel
+        from vrpo.experiments.scheduling.panel import oracle_prob, rubrics as panel_rubrics
 
         prompts, slices = [r["prompt"] for r in rows], [r["slice"] for r in rows]
         methods = self.s["methods"]
-        wins = {f"{m}_vs_{REFERENCE}": ev.win_rates(panel, prompts, slices, responses[m], responses[REFERENCE], seed=self.seed)
-                for m in methods}
-        wins.update({f"{m}_vs_dpo": ev.win_rates(panel, prompts, slices, responses[m], responses["dpo"], seed=self.seed)
+        wins = {f"{m}_vs_{REFERENCE}": ev.win_rates(oracle_prob, prompts, slices, responses[m], responses[REFERENCE],
+                                                    seed=self.seed) for m in methods}
+        wins.update({f"{m}_vs_dpo": ev.win_rates(oracle_prob, prompts, slices, responses[m], responses["dpo"], seed=self.seed)
                      for m in methods if m != "dpo"})
-        rubrics = {name: ev.rubric_rates(panel, prompts, slices, texts) for name, texts in responses.items()}
+        rubrics = {name: ev.rubric_rates(panel_rubrics, prompts, slices, texts) for name, texts in responses.items()}
         pairs = read_rows(self.path("labelled", "pairs.jsonl"))
         g = load_oof(self.path("aux"), [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
                      [p["rejected"] for p in pairs])
