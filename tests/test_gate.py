@@ -210,3 +210,29 @@ def test_rubric_table_contract():
         [{"a": True, "b": None, "c": None, "d": False}]
     with pytest.raises(ValueError, match="expected a list of 2 dicts"):
         check_rubric_table([{"a": True}], 2, "x")
+
+
+def test_gate_example_on_two_model_folders(tmp_path, capsys):
+    """The documented example (docs/pipeline.md): the user's slice column and rubric file, a
+    judge, and two model folders whose greedy responses are generated."""
+    from pathlib import Path
+
+    from vrpo.testing import build_tiny_causal_lm
+
+    examples = Path(__file__).parents[1] / "examples"
+    texts = [json.loads(line)["prompt"] for line in (examples / "gate_prompts.jsonl").read_text().splitlines()]
+    baseline = build_tiny_causal_lm(tmp_path / "base", texts, vocab_size=300, seed=0)
+    policy = build_tiny_causal_lm(tmp_path / "policy", texts, vocab_size=300, seed=1)
+    code = main(["gate", "--policy", str(policy), "--baseline", str(baseline), "--data", str(examples / "gate_prompts.jsonl"),
+                 "--rubrics", f"{examples / 'review_checks.py'}:rubrics",
+                 "--judge", f"{examples / 'sentiment_aux.py'}:prefer_positive", "--max-new-tokens", "6",
+                 "--out", str(tmp_path / "gate")])
+    assert code in (0, 1)
+    report = json.loads((tmp_path / "gate" / "gate.json").read_text())
+    assert report["passed"] == (code == 0)
+    assert {r["slice"] for r in report["rows"]} == {"cast", "story", "music", ALL}
+    assert {r["metric"] for r in report["rows"] if r["slice"] == "story"} == {"short", "not_empty", "no_spoiler",
+                                                                                MEAN_PASS, WIN_RATE}
+    assert {r["n"] for r in report["rows"] if r["slice"] == ALL and r["metric"] == WIN_RATE} == {12}
+    assert all(r["verdict"] in ("ok", "warn", "FAIL") and r["reason"] for r in report["rows"])
+    assert "generated greedily" in report["responses"]["policy"]

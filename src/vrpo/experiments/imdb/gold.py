@@ -1,7 +1,7 @@
 """The gold reward: a sentiment classifier fitted on the labels of the ``gold`` split.
 
-TF-IDF over word 1-2 grams + logistic regression (ENVIRONMENT.md: 90.6% held-out accuracy
-on full reviews). Its probability of "positive", in [0, 1], is the paper's "average score":
+TF-IDF over word 1-2 grams + logistic regression (its held-out accuracy on full reviews is
+printed in results.md). Its probability of "positive", in [0, 1], is the paper's "average score":
 the quantity every policy is judged by. No policy and no auxiliary model ever sees it
 during training except through the simulated reviewers' labels.
 """

@@ -11,7 +11,8 @@ killed run resumes; the commands themselves resume too):
              -> vrpo gate vs pi_ref (--rubrics panel:rubrics --judge panel:oracle_prob)
 
 Outputs in OUT: ``results.json``, ``results.md`` (slice tables + gate verdicts),
-``win_rates.png``, ``rubrics.png``, and every step's folder.
+``win_rates.png``, ``rubrics.png``, every step's folder, and ``logs/``: what each command
+printed (the terminal shows a progress bar and one line per command).
 """
 from __future__ import annotations
 
@@ -83,17 +84,30 @@ def resolve_settings(args: argparse.Namespace) -> dict:
 STEP_SECONDS: dict[str, float] = {}  # wall time of each command run in this process (for runtime estimates)
 
 
-def vrpo(*argv: str) -> None:
-    """Run one ``vrpo`` command in this process; a non-zero exit stops the workflow."""
+def vrpo(*argv: str, logs: Path, bar=None, ok_codes: tuple = (0,)) -> int:
+    """Run one ``vrpo`` command in this process. What it prints (its own bars, Trainer
+    dictionaries) goes to ``logs/<command>-<out folder>.log``; the terminal gets one line
+    (on ``bar``); an exit status outside ``ok_codes`` stops the workflow, naming the log."""
     from vrpo.cli import main
+    from vrpo.experiments import run_log
 
-    print(f"\n$ vrpo {' '.join(argv)}", flush=True)
-    start = time.time()
-    code = main(list(argv))
     key = f"{argv[0]} {argv[argv.index('--out') + 1]}" if "--out" in argv else argv[0]
+    log = Path(logs) / (key.replace(" ", "-").replace("/", "_").strip("_.") + ".log")
+    if bar is not None:
+        bar.set_postfix_str(f"vrpo {argv[0]}")
+    start = time.time()
+    with run_log(log):
+        print(f"$ vrpo {' '.join(argv)}", flush=True)
+        code = main(list(argv))
     STEP_SECONDS[key] = round(time.time() - start, 1)
-    if code != 0:
-        raise RuntimeError(f"`vrpo {argv[0]}` exited with status {code}; see the message above")
+    line = f"$ vrpo {' '.join(argv)}  [exit {code}, {STEP_SECONDS[key]:.0f} s, log: {log}]"
+    (bar.write if bar is not None else print)(line)
+    if bar is not None:
+        bar.update(1)
+    if code not in ok_codes:
+        last = [t for t in log.read_text(errors="replace").splitlines() if t.strip()][-1:] or [""]
+        raise RuntimeError(f"`vrpo {argv[0]}` exited with status {code}: {last[0].strip()} (full output: {log})")
+    return code
 
 
 class Workflow:
@@ -105,18 +119,30 @@ class Workflow:
         return str(self.out.joinpath(*parts))
 
     def run_all(self) -> dict:
+        from tqdm.auto import tqdm
+
         from vrpo.experiments.scheduling.model import smollm2_path
 
+        self.bar = tqdm(desc="scheduling workflow", unit="step")  # one line per command run; logs in OUT/logs
+        try:
+            return self._run_all(smollm2_path)
+        finally:
+            self.bar.close()
+
+    def run(self, *argv: str, ok_codes: tuple = (0,)) -> int:
+        return vrpo(*argv, logs=self.out / "logs", bar=self.bar, ok_codes=ok_codes)
+
+    def _run_all(self, smollm2_path) -> dict:
         self.model = str(self.model_arg or smollm2_path())
         self.check_resume()
         train_rows, eval_rows = self.write_prompts()
         self.sample("pairs_samples", 2, self.seed + 1)
         if not Path(self.path("labelled", "pairs.jsonl")).exists():
-            vrpo("label", "--samples", self.path("pairs_samples"), "--out", self.path("labelled"), "--seed", str(self.seed + 2))
+            self.run("label", "--samples", self.path("pairs_samples"), "--out", self.path("labelled"), "--seed", str(self.seed + 2))
         self.sample("ref_samples", self.s["num_ref_samples"], self.seed + 3)
         self.fit_aux()
         if not Path(self.path("audit", "audit.csv")).exists():
-            vrpo("audit", "--data", self.path("labelled", "pairs.jsonl"), "--aux", self.path("aux"), "--out", self.path("audit"))
+            self.run("audit", "--data", self.path("labelled", "pairs.jsonl"), "--aux", self.path("aux"), "--out", self.path("audit"))
         for name in self.s["methods"]:
             self.train(name)
         policies = {REFERENCE: self.model, **{m: self.path("train", m) for m in self.s["methods"]}}
@@ -160,14 +186,14 @@ class Workflow:
         manifest = Path(self.path(folder, "manifest.json"))
         if manifest.exists() and json.loads(manifest.read_text()).get("complete"):
             return
-        vrpo("sample", "--model", self.model, "--prompts", self.path("prompts", "train.jsonl"), "--num-samples", str(k),
+        self.run("sample", "--model", self.model, "--prompts", self.path("prompts", "train.jsonl"), "--num-samples", str(k),
              "--max-new-tokens", str(self.s["max_new_tokens"]), "--seed", str(seed), "--out", self.path(folder))
 
     def fit_aux(self) -> None:
         if Path(self.path("aux", "aux_config.json")).exists():
             return
         extra = ["--epochs", str(self.s["aux_epochs"])] if self.s.get("aux_epochs") else []
-        vrpo("fit-aux", "--data", self.path("labelled", "pairs.jsonl"), "--model", "gpm-minilm", "--folds",
+        self.run("fit-aux", "--data", self.path("labelled", "pairs.jsonl"), "--model", "gpm-minilm", "--folds",
              str(self.s["folds"]), "--seed", str(self.seed), "--out", self.path("aux"), *extra)
 
     # ---- training --------------------------------------------------------------------
@@ -180,11 +206,11 @@ class Workflow:
         if aux is not None:  # VRPO: g on observed (out-of-fold) and reference pairs
             scored = self.path("scored", name)
             if not Path(scored, "data.parquet").exists():
-                vrpo("score", "--aux", self.path(aux) if aux == "aux" else aux, "--data", data,
+                self.run("score", "--aux", self.path(aux) if aux == "aux" else aux, "--data", data,
                      "--samples", self.path("ref_samples"), "--out", scored)
             data = scored
         # Same budget for every method: the same steps, batch, learning rate and LoRA rank.
-        vrpo("train", "--method", method, "--model", self.model, "--data", data, "--out", str(run_dir), "--max-steps", str(self.s["max_steps"]),
+        self.run("train", "--method", method, "--model", self.model, "--data", data, "--out", str(run_dir), "--max-steps", str(self.s["max_steps"]),
              "--per-device-train-batch-size", str(self.s["batch_size"]), "--learning-rate", str(self.s["learning_rate"]),
              "--lora-r", str(self.s["lora_r"]), "--seed", str(self.seed), "--save-steps", "1000000")
 
@@ -196,25 +222,26 @@ class Workflow:
         target = Path(self.path("eval", name, RESPONSES))
         if target.exists():
             return read_responses(target, [r["prompt_id"] for r in rows], name)
-        print(f"\n# responses of {name} to {len(rows)} held-out prompts (greedy)", flush=True)
+        from vrpo.experiments import run_log
+
         start = time.time()
-        texts = generate_responses(Path(folder), [r["prompt"] for r in rows], self.s["max_new_tokens"])
+        self.bar.set_postfix_str(f"responses of {name}")
+        with run_log(self.out / "logs" / f"respond-{name}.log"):
+            texts = generate_responses(Path(folder), [r["prompt"] for r in rows], self.s["max_new_tokens"])
         STEP_SECONDS[f"respond {name}"] = round(time.time() - start, 1)
+        self.bar.write(f"# greedy responses of {name} to {len(rows)} held-out prompts  [{STEP_SECONDS[f'respond {name}']:.0f} s]")
+        self.bar.update(1)
         write_responses(target, rows, texts, extra={"slice": [r["slice"] for r in rows]})
         return texts
 
     def gate(self, name: str) -> dict:
         """Would we deploy ``name`` in place of pi_ref? (exit 1 = blocked)."""
-        from vrpo.cli import main
-
         argv = ["gate", "--policy", self.path("eval", name), "--baseline", self.path("eval", REFERENCE),
                 "--data", self.path("prompts", "eval.jsonl"), "--rubrics", PANEL_RUBRICS, "--judge", PANEL_JUDGE,
                 "--max-regression", str(self.max_regression), "--seed", str(self.seed), "--out", self.path("gate", name)]
-        print(f"\n$ vrpo {' '.join(argv)}", flush=True)
-        code = main(argv)
-        if code not in (0, 1):
-            raise RuntimeError(f"`vrpo gate` exited with status {code}")
+        code = self.run(*argv, ok_codes=(0, 1))  # 1: the gate failed the policy, a result, not an error
         report = json.loads(Path(self.path("gate", name, "gate.json")).read_text())
+        self.bar.write(f"  gate {name} vs {REFERENCE}: {'PASSED' if code == 0 else 'FAILED'}: {report['reason']}")
         return {"passed": code == 0, "failed": [r for r in report["rows"] if r["verdict"] == "FAIL"]}
 
     def evaluate(self, rows: list[dict], responses: dict[str, list[str]], gates: dict) -> dict:
