@@ -8,8 +8,7 @@ fatigued (a coin flip), so the label's expectation is the panel's p*.
 Output ``OUT/pairs.jsonl``: ``prompt_id``, ``prompt``, ``chosen``, ``rejected``, ``slice``,
 ``p_star`` (= p*(x, chosen, rejected): the truth, for evaluation only, never for training),
 ``reviewer_group``, ``fatigued``; and ``OUT/manifest.json``: the panel, the seed and the
-samples' manifest (which checkpoint and settings produced the candidates: the seed's
-"log which checkpoint generated preference candidates"). Pairs whose two responses are
+samples' manifest (which checkpoint and settings produced the candidates the labels judge). Pairs whose two responses are
 identical or empty carry no preference and are dropped (counted in the manifest).
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ the slice of the patient's message (``prompts.slice_of``):
 - ``brief``: at most ``BRIEF_WORDS`` words; the graded feature falls from 1 at 30 words to 0 at 80.
 - ``polite``: please / thank / sorry / happy to help ..., and nothing rude.
 
-Reviewer groups weigh these differently (the seed's disagreement for good reasons): the
+Reviewer groups weigh these differently (they disagree for good reasons): the
 front desk likes a short booking answer; triage nurses like cautious escalation and a
 refusal of advice (and do not mind a false alarm); the patient-experience team likes warm,
 fuller answers. A reviewer of group g prefers a to b with probability sigmoid(u_g(a) - u_g(b)),

@@ -1,4 +1,4 @@
-"""``vrpo reproduce scheduling --preset {quick,full}``: the seed's scenario end to end.
+"""``vrpo reproduce scheduling --preset {quick,full}``: the clinic scheduling scenario end to end.
 
 A clinic's scheduling assistant (SmolLM2-135M-Instruct + a system prompt) is pi_ref. Every
 step is a ``vrpo`` command, run in order, each skipped when its output already exists (so a
