@@ -61,6 +61,8 @@ TOLERANCE = 1e-12  # a change of exactly -max_regression passes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vrpo.cli_args import POSITIVE_INT, SEED
+
     parser.add_argument("--policy", required=True, help="candidate: an evaluation folder (responses.jsonl) or a model "
                         "folder (its greedy responses are generated)")
     parser.add_argument("--baseline", required=True, help="baseline: an evaluation folder or a model folder")
@@ -73,11 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-regression", type=float, default=0.05,
                         help="largest allowed drop of a slice's pass rate, or of its win rate below 1/2 (default 0.05)")
     parser.add_argument("--out", default=None, help="folder for gate.json, gate.md and generated responses")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="when a model folder is given (default 64)")
+    parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="when a model folder is given (default 64)")
     parser.add_argument("--tokenizer", default=None, help="the reference model's folder, whose chat template renders "
                         "message-list prompts (default: the model folder given as --policy or --baseline)")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs (default 2000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    parser.add_argument("--bootstrap", type=POSITIVE_INT, default=2000, help="bootstrap resamples for the CIs (default 2000)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the bootstrap (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,8 +88,6 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.max_regression < 1.0:
         raise UserError(f"--max-regression {args.max_regression}: expected a number in [0, 1)")
-    if args.bootstrap < 1:
-        raise UserError(f"--bootstrap {args.bootstrap}: expected a positive integer")
     if not (args.rubrics or args.judge):
         raise UserError("nothing to check: give --rubrics module:function and/or --judge module:function")
     rubrics = load_rubrics(args.rubrics) if args.rubrics else None
