@@ -307,7 +307,7 @@ def test_micro_reproduce_has_the_two_stage_section(tmp_path, monkeypatch):
             assert set(scores) == {str(float(t)) for t in micro.temperatures}
             assert all(0.0 <= v <= 1.0 for v in scores.values())
     md = (out / "results.md").read_text()
-    assert "## Two-stage rows (issue 7)" in md
+    assert "## Two-stage rows: reward model" in md
     assert all(f"| {name} | " in md.split("## Two-stage rows")[1] for name in settings.rows)
     assert (out / "two_stage" / "vrpo-ramp-k4" / "seed1" / "reward_model" / "config.yaml").exists()
 

@@ -3,8 +3,11 @@
 Canonical record (``load_preferences`` returns a ``datasets.Dataset`` of these):
 
 - ``prompt``, ``chosen``, ``rejected``: strings. Conversational message lists are rendered
-  with the tokenizer's chat template: the prompt with the generation prompt appended, each
-  response as the text that the template adds after the prompt.
+  with the chat template of the reference model's tokenizer (``chat_template_source``): the
+  prompt with the generation prompt appended, each response as the text that the template
+  adds after the prompt. Such rows also get ``aux_chosen`` / ``aux_rejected``: the reply as
+  plain text (the assistant messages' content), what auxiliary models, judges and rubrics
+  see (``aux_texts``; docs/pipeline.md, "What the auxiliary model sees").
 - ``prompt_id``: string; given, or the first 16 hex digits of sha256(prompt).
 - optional ``aux_prob`` (g(x, y+, y-) in [0, 1]), ``slice``, and any other column (kept).
 - the paper code's schema (``a_1``, ``a_2``, ``chosen_preference``, ``rejected_preference``,
@@ -36,7 +39,9 @@ DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 
 __all__ = [
     "load_preferences", "load_prompts", "attach_reference_samples", "check_same_prompt", "check_reference_matrix",
-    "drop_identical_pairs", "read_rows", "prompt_id_of", "from_paper_schema", "check_probability_column", "tokenize_completions", "pad_right", "sequence_batch", "REQUIRED_COLUMNS", "PAPER_COLUMNS",
+    "drop_identical_pairs", "read_rows", "prompt_id_of", "from_paper_schema", "check_probability_column",
+    "tokenize_completions", "pad_right", "sequence_batch", "REQUIRED_COLUMNS", "PAPER_COLUMNS",
+    "ChatTemplateSource", "chat_template_source", "tokenizer_identity", "aux_texts", "AUX_TEXT_COLUMNS",
 ]
 
 
@@ -142,16 +147,15 @@ def _is_messages(value: Any) -> bool:
 
 def _render_chat(row: dict, tokenizer, source: str, i: int) -> dict:
     """Render a conversational row: prompt with the generation prompt; each response as the
-    text the chat template appends after that prompt."""
-    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{source}: row {i}: conversational messages need a tokenizer with a chat template to "
-                         "render them, and none is at hand here (the model's tokenizer has none, or this step reads "
-                         "no model); give prompt/chosen/rejected as plain text")
+    text the chat template appends after that prompt, and its reply as plain text
+    (``aux_chosen`` / ``aux_rejected``) for the auxiliary model."""
+    tokenizer = _chat_tokenizer(tokenizer, f"{source}: row {i}")
     prompt_msgs = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
     prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
     out = dict(row, prompt=prompt)
     for col in ("chosen", "rejected"):
         resp = row[col]
+        out[AUX_TEXT_COLUMNS[col]] = _reply_text(resp)
         if isinstance(resp, list):
             full = tokenizer.apply_chat_template(prompt_msgs + resp, tokenize=False)
             if not full.startswith(prompt):
@@ -280,7 +284,8 @@ def drop_identical_pairs(rows: list[dict], source: str) -> tuple[list[dict], int
 def load_prompts(path: str | Path, tokenizer=None, *, split: str | None = None, max_rows: int | None = None) -> list[dict]:
     """Distinct prompts (``prompt_id``, ``prompt``) in first-seen order, from a prompts-only
     file (a ``prompt`` column) or a preference file. Message-list prompts are rendered with
-    the chat template (generation prompt appended)."""
+    the chat template (generation prompt appended). A prompt whose rows have a ``slice``
+    keeps the first one (``vrpo gate`` reports by slice)."""
     from vrpo.cli_args import POSITIVE_INT
 
     source = str(path)
@@ -288,6 +293,7 @@ def load_prompts(path: str | Path, tokenizer=None, *, split: str | None = None, 
     rows = read_rows(path, split)
     _check_columns(rows, source, ("prompt",))
     seen: dict[str, str] = {}
+    slices: dict[str, str] = {}
     for i, row in enumerate(rows):
         prompt = row["prompt"]
         if _is_messages(prompt) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
@@ -297,7 +303,9 @@ def load_prompts(path: str | Path, tokenizer=None, *, split: str | None = None, 
         if pid in seen and seen[pid] != prompt:
             raise ValueError(f"{source}: row {i}: prompt_id {pid!r} is used for two different prompts")
         seen.setdefault(pid, prompt)
-    items = [{"prompt_id": k, "prompt": v} for k, v in seen.items()]
+        if row.get("slice") not in (None, ""):
+            slices.setdefault(pid, str(row["slice"]))
+    items = [{"prompt_id": k, "prompt": v, **({"slice": slices[k]} if k in slices else {})} for k, v in seen.items()]
     return items[:max_rows]
 
 
@@ -335,6 +343,123 @@ def check_same_prompt(data_prompt: str, sampled_prompt: str, where: str) -> None
 def _short(text: str, n: int = 40) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------
+# Which tokenizer renders conversational rows, and what text the auxiliary model sees
+# --------------------------------------------------------------------------------------
+# The chat template is the REFERENCE model's: prompt ids are hashes of the rendered prompt,
+# so `score`, `fit-aux`, `audit`, `train-rm` and `gate` must render exactly as `vrpo sample`
+# and `vrpo train` did, or the rows would not join the reference samples.
+AUX_TEXT_COLUMNS = {"chosen": "aux_chosen", "rejected": "aux_rejected"}
+NO_TEMPLATE_HINT = "pass --tokenizer MODEL_DIR (the reference model's folder; its chat template renders them)"
+
+
+class ChatTemplateSource:
+    """The tokenizer whose chat template renders message-list rows, loaded the first time a
+    conversational row needs it (plain-string data never loads a tokenizer).
+
+    ``path``: a local model or tokenizer folder, or None (then conversational rows are an
+    error that says ``hint``); ``origin``: where the path came from, for error messages;
+    ``expected_fingerprint``: the tokenizer fingerprint the samples' manifest recorded."""
+
+    def __init__(self, path: str | Path | None, origin: str, hint: str = NO_TEMPLATE_HINT,
+                 expected_fingerprint: str | None = None):
+        self.path, self.origin, self.hint = (str(path) if path else None), origin, hint
+        self.expected_fingerprint = expected_fingerprint
+        self._tokenizer = None
+
+    def get(self, where: str):
+        if self._tokenizer is None:
+            self._tokenizer = self._load(where)
+        return self._tokenizer
+
+    def _load(self, where: str):
+        from transformers import AutoTokenizer
+
+        from vrpo.errors import UserError
+
+        if self.path is None:
+            raise UserError(f"{where}: conversational messages need the reference model's chat template; {self.hint}")
+        if not Path(self.path).is_dir():
+            raise UserError(f"{self.origin} {self.path}: not a local model folder (nothing is downloaded); "
+                            f"{NO_TEMPLATE_HINT}")
+        if self.expected_fingerprint is not None:
+            from vrpo.provenance import fingerprint_tokenizer
+
+            if fingerprint_tokenizer(self.path) != self.expected_fingerprint:
+                raise UserError(f"{self.origin} {self.path}: another tokenizer than the one the reference samples were "
+                                "drawn with (fingerprints differ); its chat template would render other prompts")
+        return AutoTokenizer.from_pretrained(self.path)
+
+
+def chat_template_source(*, tokenizer: str | None = None, samples: str | None = None,
+                         tokenizer_flag: str = "--tokenizer") -> ChatTemplateSource:
+    """Which tokenizer renders the conversational rows of a command: ``tokenizer`` (a flag
+    naming the reference model's folder) when given, else the model named by the manifest of
+    ``samples`` (``vrpo sample`` records it), else none (plain-string data needs none).
+    With both, the tokenizer must be the one the samples were drawn with."""
+    if samples is None:
+        return ChatTemplateSource(tokenizer, tokenizer_flag,
+                                  hint=NO_TEMPLATE_HINT.replace("--tokenizer", tokenizer_flag))
+    from vrpo.provenance import read_manifest
+
+    manifest = read_manifest(samples)
+    if tokenizer is not None:
+        return ChatTemplateSource(tokenizer, tokenizer_flag, expected_fingerprint=manifest.get("tokenizer_fingerprint"))
+    return ChatTemplateSource(manifest.get("model"), f"the reference model of --samples {samples}",
+                              hint=f"the manifest of --samples {samples} names no model; {NO_TEMPLATE_HINT}")
+
+
+def tokenizer_identity(path: str | Path | None) -> str | None:
+    """The fingerprint of a ``--tokenizer`` folder for an output folder's reuse record (it
+    decides how conversational rows render, hence their prompt ids), or None when none is given."""
+    if not path:
+        return None
+    from vrpo.errors import check_readable
+    from vrpo.provenance import fingerprint_tokenizer
+
+    return fingerprint_tokenizer(check_readable(path, "--tokenizer", "the reference model's folder"))
+
+
+def _chat_tokenizer(tokenizer, where: str):
+    """A tokenizer with a chat template, from a tokenizer object or a ``ChatTemplateSource``."""
+    origin = "the tokenizer"
+    if isinstance(tokenizer, ChatTemplateSource):
+        origin = f"the tokenizer of {tokenizer.path}"
+        tokenizer = tokenizer.get(where)
+    elif tokenizer is None:
+        raise ValueError(f"{where}: conversational messages need the reference model's chat template, and this "
+                         "step was given no tokenizer; give prompt/chosen/rejected as plain text")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{where}: conversational messages need a chat template, and {origin} has none; "
+                         "pass the reference model's folder, or plain strings")
+    return tokenizer
+
+
+def _reply_text(response) -> str:
+    """A response as plain text: a string as it is; a message list as the content of its
+    assistant messages (all messages when none is marked assistant), joined by newlines."""
+    if not isinstance(response, list):
+        return response
+    said = [m for m in response if isinstance(m, dict) and m.get("role") == "assistant"] or response
+    return "\n".join(str(m.get("content", "")) for m in said if isinstance(m, dict))
+
+
+def aux_texts(rows) -> tuple[list[str], list[str], list[str]]:
+    """(prompts, chosen, rejected) as auxiliary models, judges and rubrics see them, from
+    canonical rows (a list of dicts or a ``datasets.Dataset``): the prompt as the reference
+    model sees it (rendered, for conversational rows) and each reply as plain text (the
+    ``aux_chosen`` / ``aux_rejected`` columns where ``load_preferences`` set them). A
+    reference sample is plain text already (decoded without special tokens), so observed and
+    reference pairs reach g in the same form."""
+    rows = rows.to_list() if hasattr(rows, "to_list") else list(rows)
+
+    def column(col: str) -> list[str]:
+        aux = AUX_TEXT_COLUMNS[col]
+        return [r[aux] if isinstance(r.get(aux), str) else r[col] for r in rows]
+
+    return [r["prompt"] for r in rows], column("chosen"), column("rejected")
 
 
 # --------------------------------------------------------------------------------------

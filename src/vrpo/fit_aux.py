@@ -4,7 +4,9 @@ how good it is on pairs it did not see.
     vrpo fit-aux --data prefs.jsonl --model gpm-minilm --folds 5 --out AUX_DIR
 
 Each labelled pair (prompt, chosen, rejected) is a training example with label 1 (chosen
-won). Writes to AUX_DIR:
+won), seen as ``vrpo.data.aux_texts`` gives it: conversational rows are rendered with the
+chat template of ``--tokenizer`` (the reference model's folder) and each reply is plain text.
+Writes to AUX_DIR:
 
 - ``aux_config.json`` + ``model.safetensors``: the model for reference pairs (the fold
   average by default; ``--reference full`` refits on all pairs), loadable with
@@ -48,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=POSITIVE_INT, default=None, help="GPM embedding size 2m (even; default 16)")
     parser.add_argument("--hidden", type=POSITIVE_INT, default=None, help="hidden width of the head (default 256)")
     add_overwrite_flag(parser)
+    # conversational data (message lists): which chat template renders it
+    parser.add_argument("--tokenizer", default=None,
+                        help="the reference model's folder, whose chat template renders conversational rows "
+                             "(as `vrpo sample` did; plain-string data needs none)")
 
 
 def model_factory(name: str, seed: int, args: argparse.Namespace | None = None):
@@ -63,12 +69,14 @@ def model_factory(name: str, seed: int, args: argparse.Namespace | None = None):
 def fit_inputs(args: argparse.Namespace) -> dict:
     """Everything that determines the fitted model and its out-of-fold predictions (the reuse
     record of ``--out``): the data by fingerprint and every setting."""
+    from vrpo.data import tokenizer_identity
     from vrpo.errors import check_readable
     from vrpo.provenance import fingerprint_data
 
     data = fingerprint_data(check_readable(args.data, "--data", "a preference file"))
     return {"data": data, "max_rows": args.max_rows, "model": args.model, "folds": args.folds, "fold_by": args.fold_by,
-            "reference": args.reference, "seed": args.seed, **{k: getattr(args, k, None) for k in OVERRIDES}}
+            "reference": args.reference, "seed": args.seed, **{k: getattr(args, k, None) for k in OVERRIDES},
+            "tokenizer": tokenizer_identity(getattr(args, "tokenizer", None))}
 
 
 def fold_groups(fold_by: str, prompt_ids, prompts, chosen, rejected) -> list[str]:
@@ -96,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from vrpo.aux import calibration
     from vrpo.aux.crossfit import cross_fit
     from vrpo.aux.io import save_aux, write_oof
-    from vrpo.data import load_preferences
+    from vrpo.data import aux_texts, chat_template_source, load_preferences
     from vrpo.outputs import claim_output
     from vrpo.provenance import atomic_write_json, fingerprint_data
 
@@ -104,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--dim {args.dim}: expected an even number (GPM pairs its coordinates)")
     factory = model_factory(args.model, args.seed, args)
     out = claim_output(args.out, "fit-aux", fit_inputs(args), overwrite=args.overwrite)
-    data = load_preferences(args.data, max_rows=args.max_rows)
-    prompts, chosen, rejected = list(data["prompt"]), list(data["chosen"]), list(data["rejected"])
+    data = load_preferences(args.data, chat_template_source(tokenizer=args.tokenizer), max_rows=args.max_rows)
+    prompts, chosen, rejected = aux_texts(data)
     labels = np.ones(len(prompts))  # label 1: the first response (chosen) won
     groups = fold_groups(args.fold_by, data["prompt_id"], prompts, chosen, rejected)
     result = cross_fit(factory, prompts, chosen, rejected, labels, folds=args.folds, random_state=args.seed,

@@ -1,15 +1,14 @@
 """``vrpo label``: a simulated reviewer panel labels pairs of reference samples.
 
 Takes the first two samples of each prompt in a ``vrpo sample`` folder (two responses
-drawn from pi_ref: the labelled pair of METHOD.md) and asks the panel (``vrpo.gate.PANELS``)
-which one it prefers. One reviewer labels each pair: a group drawn by its share, who may be
+drawn from pi_ref: the labelled pair the estimator assumes, docs/method.md) and asks the
+panel (``PANELS``) which one it prefers. One reviewer labels each pair: a group drawn by its share, who may be
 fatigued (a coin flip), so the label's expectation is the panel's p*.
 
 Output ``OUT/pairs.jsonl``: ``prompt_id``, ``prompt``, ``chosen``, ``rejected``, ``slice``,
 ``p_star`` (= p*(x, chosen, rejected): the truth, for evaluation only, never for training),
 ``reviewer_group``, ``fatigued``; and ``OUT/manifest.json``: the panel, the seed and the
-samples' manifest (which checkpoint and settings produced the candidates: the seed's
-"log which checkpoint generated preference candidates"). Pairs whose two responses are
+samples' manifest (which checkpoint and settings produced the candidates the labels judge). Pairs whose two responses are
 identical or empty carry no preference and are dropped (counted in the manifest).
 """
 from __future__ import annotations
@@ -19,11 +18,15 @@ import json
 from pathlib import Path
 
 PAIRS_FILE = "pairs.jsonl"
+# name -> "module:attribute" of a panel object with .label(prompts, a, b, random_state),
+# .preference_prob(prompts, a, b) (p*), .slices(prompts), .fatigue and .groups.
+PANELS: dict[str, str] = {
+    "scheduling": "vrpo.experiments.scheduling.panel:DEFAULT_PANEL",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vrpo.cli_args import SEED, add_overwrite_flag
-    from vrpo.gate import PANELS
 
     parser.add_argument("--samples", required=True, help="a `vrpo sample` folder with at least 2 samples per prompt")
     parser.add_argument("--out", required=True, help="output folder (pairs.jsonl + manifest.json)")
@@ -33,7 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vrpo.gate import load_panel
     from vrpo.outputs import claim_output
     from vrpo.provenance import atomic_write_text, now_utc, read_manifest, write_manifest
     from vrpo.sampling import read_samples, samples_fingerprint
@@ -56,6 +58,15 @@ def run(args: argparse.Namespace) -> int:
     for name, s in summary.items():
         print(f"  {name:20s} n={s['n']:4d}  label against p* majority: {s['against_majority']:.2f}  fatigued: {s['fatigued']:.2f}")
     return 0
+
+
+def load_panel(name: str):
+    import importlib
+
+    if name not in PANELS:
+        raise ValueError(f"--panel {name}: unknown; expected one of {sorted(PANELS)}")
+    module, attr = PANELS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def candidate_pairs(sample_rows: list[dict], source: str) -> tuple[list[dict], int]:

@@ -1,7 +1,7 @@
 """Provenance: which checkpoint, tokenizer, data and settings produced a file.
 
 VRPO's correction has mean zero only when the labelled pairs and the reference samples
-come from the same pi_ref as the reference log-probs (METHOD.md): a mismatch is the
+come from the same pi_ref as the reference log-probs (docs/method.md): a mismatch is the
 paper's "reference policy misspecified" case. So every stage writes a ``manifest.json``
 with fingerprints, and training compares them with the model it is given.
 

@@ -1,7 +1,9 @@
 """``vrpo tiny-model``: build a tiny random GPT-2 + BPE tokenizer offline (for the quickstart and tests).
 
-Its tokenizer is trained on the texts of ``--texts`` (any preference or prompts file) so
-the example data tokenise into few tokens; nothing is downloaded.
+Its tokenizer is trained on the texts of ``--texts`` (any preference or prompts file, plain
+strings or conversational message lists) so the example data tokenise into few tokens, and
+carries a simple chat template (``vrpo.testing.CHAT_TEMPLATE``) so conversational data runs
+through it; nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         from vrpo.data import read_rows
 
         for row in read_rows(args.texts):
-            texts += [str(row[c]) for c in ("prompt", "chosen", "rejected") if row.get(c)]
+            texts += [t for c in ("prompt", "chosen", "rejected") for t in _texts_of(row.get(c))]
     from vrpo.outputs import claim_output
     from vrpo.provenance import fingerprint_data
 
@@ -43,5 +45,12 @@ def run(args: argparse.Namespace) -> int:
     out = build_tiny_causal_lm(args.out, texts, vocab_size=args.vocab_size, n_layer=args.n_layer, n_embd=args.n_embd,
                                n_positions=args.n_positions, seed=args.seed)
     print(f"wrote a tiny GPT-2 ({args.n_layer} layers, d={args.n_embd}, {args.n_positions} positions) and its "
-          f"tokenizer to {out}")
+          f"tokenizer (with a chat template) to {out}")
     return 0
+
+
+def _texts_of(value) -> list[str]:
+    """The texts of a cell: a string, or the contents of a list of chat messages."""
+    if isinstance(value, list):
+        return [str(m["content"]) for m in value if isinstance(m, dict) and m.get("content")]
+    return [str(value)] if value else []

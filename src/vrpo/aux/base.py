@@ -174,38 +174,49 @@ def resolve_aux(spec: str) -> AuxModel:
 
         return load_aux(path)
     if ":" in spec:
-        mod_name, fn_name = spec.rsplit(":", 1)
-        module = _import_user_module(spec, mod_name)
-        fn = getattr(module, fn_name, None)
-        if not callable(fn):
-            raise ValueError(f"--aux {spec}: {mod_name!r} has no callable {fn_name!r}")
-        return CallableAux(fn, name=spec)
+        return CallableAux(load_callable(spec, "--aux"), name=spec)
     raise ValueError(f"--aux {spec}: expected module:function, file.py:function, column:NAME or a `vrpo fit-aux` directory")
 
 
-def _import_user_module(spec: str, mod_name: str):
-    """Import the module of ``--aux module:function`` / ``file.py:function``: this RUNS the
-    user's code, so any error in it (a syntax error, an exception at import) is reported in
-    one line naming the spec."""
+def load_callable(spec: str, flag: str) -> Callable:
+    """The function named by ``module:function`` or ``path/to/file.py:function`` (``--aux``,
+    ``vrpo gate --rubrics`` / ``--judge``). Importing runs the user's code: any error in it
+    is one line naming ``flag`` and the spec."""
+    from vrpo.errors import UserError
+
+    if ":" not in spec:
+        raise UserError(f"{flag} {spec}: expected module:function or file.py:function")
+    mod_name, fn_name = spec.rsplit(":", 1)
+    module = _import_user_module(spec, mod_name, flag)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"{flag} {spec}: {mod_name!r} has no callable {fn_name!r}")
+    return fn
+
+
+def _import_user_module(spec: str, mod_name: str, flag: str = "--aux"):
+    """Import the module of ``module:function`` / ``file.py:function``: this RUNS the user's
+    code, so any error in it (a syntax error, an exception at import) is reported in one
+    line naming the spec."""
+    import sys
+
     from vrpo.errors import UserError, user_code
 
     if mod_name.endswith(".py"):
         if not Path(mod_name).is_file():
-            raise UserError(f"--aux {spec}: no such file {mod_name!r}")
+            raise UserError(f"{flag} {spec}: no such file {mod_name!r}")
         s = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
         module = importlib.util.module_from_spec(s)
-        with user_code(f"--aux {spec}"):
+        with user_code(f"{flag} {spec}"):
             s.loader.exec_module(module)  # type: ignore[union-attr]
         return module
-    import sys
-
     try:
         found = sys.modules.get(mod_name) or importlib.util.find_spec(mod_name)
     except (ImportError, ValueError):
         found = None
     if found is None:
-        raise UserError(f"--aux {spec}: no module named {mod_name!r} (for a file, give its path ending in .py)")
-    with user_code(f"--aux {spec}"):
+        raise UserError(f"{flag} {spec}: no module named {mod_name!r} (for a file, give its path ending in .py)")
+    with user_code(f"{flag} {spec}"):
         return importlib.import_module(mod_name)
 
 

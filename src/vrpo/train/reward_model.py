@@ -92,6 +92,19 @@ def pipeline_view(cfg: "RewardModelConfig"):
                            allow_reference_mismatch=cfg.allow_reference_mismatch)
 
 
+def reference_chat_template(cfg: "RewardModelConfig"):
+    """The chat template that renders conversational rows: pi_ref's, as `vrpo sample` and
+    `vrpo train` rendered them (prompt ids must match the samples'): the model the samples'
+    manifest names, else ``ref_model``, else the initialisation ``model``. The reward model's
+    own tokenizer then tokenises the rendered text."""
+    from vrpo.data import chat_template_source
+
+    if cfg.samples:
+        return chat_template_source(samples=cfg.samples)
+    return chat_template_source(tokenizer=cfg.ref_model or cfg.model,
+                                tokenizer_flag="--ref-model" if cfg.ref_model else "--model")
+
+
 def load_reward_features(cfg: "RewardModelConfig", tokenizer) -> tuple[list[dict], int | None, dict]:
     """Tokenised features of the preference data (``build_features``), K, and the manifests met.
 
@@ -104,7 +117,7 @@ def load_reward_features(cfg: "RewardModelConfig", tokenizer) -> tuple[list[dict
     from vrpo.train.run import load_training_rows
 
     method = rm_method(cfg.method)
-    rows, manifests = load_training_rows(pipeline_view(cfg), tokenizer)
+    rows, manifests = load_training_rows(pipeline_view(cfg), reference_chat_template(cfg))
     k = None
     if method.needs_reference_samples:
         k = cfg.num_ref_samples or default_num_ref_samples(rows, cfg.data)

@@ -10,7 +10,7 @@ Writes to ``--out`` (default ``runs/imdb-<preset>``): ``results.json``, ``result
 ``versions.json``; per run ``runs/<method>/seed<k>/`` (model, result.json). Rerunning skips
 finished (method, seed) pairs.
 
-Other experiments add sections to the results (issue 7's two-stage rows) by one line in
+Other experiments add sections to the results (the two-stage rows) by one line in
 ``EXTRA_SECTIONS``: ``name -> "module:function"``, the function taking ``(setup, out)`` and
 returning ``{"json": <anything JSON>, "markdown": <str>}``.
 """
