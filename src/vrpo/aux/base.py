@@ -229,10 +229,11 @@ def _import_user_module(spec: str, mod_name: str, flag: str = "--aux"):
 
 
 def aux_identity(spec: str) -> dict:
-    """What ``--aux SPEC`` names, for an output folder's reuse record: the spec and a
-    fingerprint of the code or model behind it (a file's bytes, a module's source file, a
-    ``vrpo fit-aux`` folder's weights, settings and out-of-fold predictions). A column is
-    named by the spec alone: the data's own fingerprint covers it."""
+    """What ``--aux SPEC`` (or ``vrpo gate``'s ``--rubrics`` / ``--judge``) names, for an output
+    folder's reuse record: the spec and a fingerprint of the code or model behind it (a
+    file's bytes, a module's source file, a ``vrpo fit-aux`` folder's weights, settings and
+    out-of-fold predictions). A column is named by the spec alone: the data's own
+    fingerprint covers it."""
     from vrpo.provenance import fingerprint_files
 
     if spec.startswith("column:"):
