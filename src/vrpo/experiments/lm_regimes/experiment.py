@@ -1,0 +1,187 @@
+"""The experiment, top to bottom: per world, the shared samples; per regime, the data, the
+checkpoint, the prediction and the measurement; then training in the extreme regimes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vrpo.experiments.lm_regimes import stages
+from vrpo.experiments.lm_regimes.presets import KS
+from vrpo.experiments.lm_regimes.training import METHODS, baseline_responses, compare, run_method, train_once
+from vrpo.experiments.lm_regimes.worlds import WORLDS, get_regimes
+
+MEASURE_SEED = 30_000  # labels of the fresh datasets (independent of every training seed's)
+
+
+class Experiment:
+    def __init__(self, preset, out: Path, progress: bool = True):
+        self.preset, self.out, self.progress = preset, Path(out), progress
+        self.regimes = get_regimes(preset.regimes)
+
+    def run(self) -> dict:
+        results: dict = {"preset": self.preset.name, "regimes": {}}
+        worlds = {}
+        for world_name in dict.fromkeys(r.world for r in self.regimes):
+            worlds[world_name] = world = WORLDS[world_name](self.preset, self.out / world_name, self.progress)
+            for regime in (r for r in self.regimes if r.world == world_name):
+                results["regimes"][regime.name] = RegimeRun(self, world, regime).predict_and_measure()
+        chosen = self.training_regimes(results["regimes"])
+        results["training_regimes"] = chosen
+        for name in chosen:
+            regime = next(r for r in self.regimes if r.name == name)
+            results["regimes"][name]["training"] = RegimeRun(self, worlds[regime.world], regime).train_and_compare()
+        return results
+
+    def training_regimes(self, by_regime: dict) -> list[str]:
+        """The IMDb regimes with the largest and the smallest predicted gain at K = 8 (training
+        SmolLM2 over seeds is the scheduling experiment's job, docs/scheduling.md)."""
+        if self.preset.train_regimes != "extremes" or not self.preset.seeds:
+            return []
+        imdb = {n: r["predicted_ratio"]["8"] for n, r in by_regime.items() if r["world"] == "imdb" and "8" in r["predicted_ratio"]}
+        if not imdb:
+            return []
+        return list(dict.fromkeys([min(imdb, key=imdb.get), max(imdb, key=imdb.get)]))
+
+
+class RegimeRun:
+    """One regime of one world: its folder is OUT/WORLD/REGIME."""
+
+    def __init__(self, exp: Experiment, world, regime):
+        self.exp, self.world, self.regime, self.preset = exp, world, regime, exp.preset
+        self.folder = exp.out / world.name / regime.name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.reviewer = regime.reviewer(world)
+
+    # ---- data ------------------------------------------------------------------------
+    def seed_samples(self, seed: int) -> list[dict]:
+        s = self.world.sizes
+        return stages.draw_samples(self.world, self.exp.out / self.world.name / "samples" / f"seed{seed}",
+                                   self.world.pool_prompts, 2 + s.train_ref_samples, seed=100 + seed)
+
+    def seed_data(self, seed: int, kinds=("oracle",)) -> tuple[dict, dict]:
+        """(examples, {aux kind: preference file}) of one seed: the labelled pairs of the seed's data."""
+        s = self.world.sizes
+        ex = stages.labelled_examples(self.reviewer, self.seed_samples(seed), s.num_train_pairs, s.train_ref_samples,
+                                      np.random.default_rng(10_000 + seed))
+        files = {}
+        for kind in kinds:
+            path = self.folder / "data" / f"seed{seed}-{kind}.jsonl"
+            if not path.exists():
+                aux = self.aux(kind, ex, seed)
+                stages.write_rows(path, stages.preference_rows(ex, *aux))
+            files[kind] = path
+        return ex, files
+
+    def aux(self, kind: str, ex: dict, seed: int) -> tuple:
+        if kind == "oracle":
+            return stages.oracle_aux(self.reviewer, ex)
+        return stages.fitted_aux(self.world, self.reviewer, ex, seed, self.preset, self.exp.progress)
+
+    def read_aux(self, path: Path, n: int) -> tuple:
+        import json
+
+        rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+        return np.array([r["aux_prob"] for r in rows]), np.array([r["ref_aux_prob"] for r in rows])
+
+    def measurement_examples(self) -> dict:
+        s = self.world.sizes
+        rows = stages.draw_samples(self.world, self.exp.out / self.world.name / "samples" / "measure",
+                                   self.world.measure_prompts, s.measure_repeats * (2 + s.measure_ref_samples), seed=7)
+        n = len(rows) * s.measure_repeats
+        return stages.labelled_examples(self.reviewer, rows, n, s.measure_ref_samples,
+                                        np.random.default_rng(MEASURE_SEED), repeats=s.measure_repeats)
+
+    # ---- checkpoints -----------------------------------------------------------------
+    def dpo_checkpoint(self) -> Path:
+        _, files = self.seed_data(0)
+        return train_once(self.world, self.preset, "dpo", files["oracle"], self.folder / "runs" / "dpo" / "seed0", 0)
+
+    def checkpoint(self, key: str):
+        """(loader, table key): ``dpo`` = seed 0's DPO run (its folder holds beta, pi_ref, the
+        LoRA adapter); ``pi_ref`` = the reference model, all margins 0 (shared by the regimes)."""
+        from vrpo.loss_gradients import load_checkpoint
+
+        if key == "dpo":
+            path = self.dpo_checkpoint()
+            return (lambda: load_checkpoint(str(path))), f"{self.regime.name}-dpo"
+        return (lambda: load_checkpoint(str(self.world.policy_dir), beta=self.preset.beta,
+                                        lora_r=self.world.lora_r)), "pi_ref"
+
+    def table(self, key: str, dataset: str, ex: dict) -> dict:
+        """The cached per-sequence table of ``ex`` at checkpoint ``key``; one fixed sketch (seed 0)
+        for every checkpoint of a world, so the diagnostic and the measurement share a space."""
+        from vrpo.loss_gradients import CountSketch, trainable_parameters
+
+        loader, table_key = self.checkpoint(key)
+        path = self.exp.out / self.world.name / "tables" / f"{table_key}-{dataset}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def make():
+            ckpt = loader()
+            return ckpt, CountSketch([p.numel() for p in trainable_parameters(ckpt.model)], self.preset.sketch_dim, 0)
+        return stages.gradient_table(path, make, ex, self.exp.progress)
+
+    # ---- prediction and measurement --------------------------------------------------
+    def predict_and_measure(self) -> dict:
+        s = self.world.sizes
+        ex, files = self.seed_data(0, ("oracle", "fitted") if self.wants_fitted() else ("oracle",))
+        diag_ex = {k: v[:s.diagnostic_rows] for k, v in ex.items()}
+        measure_ex = self.measurement_examples()
+        out = {"world": self.world.name, "description": self.regime.description, "by_checkpoint": {},
+               "label_stats": label_stats(self.reviewer, measure_ex)}
+        for key in self.preset.checkpoints:
+            beta = self.preset.beta
+            diag_table = self.table(key, "seed0", diag_ex)
+            entry = {"diagnostic": stages.decomposition(diag_table, diag_ex, self.read_aux(files["oracle"], s.diagnostic_rows), beta)[0]}
+            if "fitted" in files:
+                entry["diagnostic_fitted_g"] = stages.decomposition(
+                    diag_table, diag_ex, self.read_aux(files["fitted"], s.diagnostic_rows), beta)[0]
+            measured, scores = stages.decomposition(self.table(key, "measure", measure_ex), measure_ex,
+                                                    stages.oracle_aux(self.reviewer, measure_ex), beta)
+            minibatch, datasets = stages.minibatch_ratios(scores, self.preset.batch_size)
+            entry["measurement"] = dict(measured, minibatch_ratio=minibatch, datasets=datasets, batch=self.preset.batch_size,
+                                        ci=stages.bootstrap_ratios(scores, self.preset.n_boot))
+            out["by_checkpoint"][key] = entry
+        main = out["by_checkpoint"][self.preset.checkpoints[0]]
+        out.update(checkpoint=self.preset.checkpoints[0],
+                   predicted_ratio={k: main["diagnostic"]["predicted_ratio"][k] for k in map(str, KS)},
+                   measured_ratio=main["measurement"]["measured_ratio"], measured_ci=main["measurement"]["ci"],
+                   ngram_proxy=self.ngram(diag_ex, files["oracle"], s.diagnostic_rows))
+        return out
+
+    def wants_fitted(self) -> bool:
+        return "vrpo-fitted" in self.preset.train_methods and self.world.name == "imdb"
+
+    def ngram(self, ex: dict, oracle_file: Path, n: int) -> dict:
+        """The fast proxy (`vrpo diagnose` without --model) on the same rows, for comparison."""
+        import pandas as pd
+
+        from vrpo.diagnostics import diagnose_frame
+
+        frame = pd.read_json(oracle_file, lines=True).iloc[:n]
+        return diagnose_frame(frame, KS)["predicted_ratio"]
+
+    # ---- training ---------------------------------------------------------------------
+    def train_and_compare(self) -> dict:
+        kinds = tuple(dict.fromkeys(METHODS[m][1] for m in self.preset.train_methods))
+        baseline = baseline_responses(self.world, self.exp.out / self.world.name)
+        results: dict = {m: {} for m in self.preset.train_methods}
+        for seed in self.preset.seeds:
+            _, files = self.seed_data(seed, kinds)
+            for method in self.preset.train_methods:
+                folder = self.folder / "runs" / method / f"seed{seed}"
+                results[method][seed] = run_method(self.world, self.regime, self.reviewer, self.preset, method, seed,
+                                                   files, folder, baseline)
+        summary = compare(results, self.preset.eval_temperatures, self.preset.n_boot)
+        return dict(summary, primary=self.regime.primary, methods=list(self.preset.train_methods),
+                    num_ref_samples=self.world.sizes.train_ref_samples,
+                    seeds=list(self.preset.seeds), seconds=sum(r.get("seconds", 0.0) for m in results.values()
+                                                                for r in m.values()))
+
+
+def label_stats(reviewer, ex: dict) -> dict:
+    """How deterministic the labels are: mean 4 p*(1 - p*) over the measured pairs (1 = coin
+    flips, 0 = every label a function of the pair) and the share of pairs with p* within 0.05 of 0 or 1."""
+    p = np.asarray(reviewer.preference(ex["prompt"], ex["a"], ex["b"]))
+    return {"mean_4p1mp": float(np.mean(4 * p * (1 - p))), "sharp_share": float(np.mean((p < 0.05) | (p > 0.95)))}
