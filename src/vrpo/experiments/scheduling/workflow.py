@@ -21,6 +21,11 @@ from pathlib import Path
 
 # Preset sizes. quick: runs on 2 CPU cores in minutes, to show the workflow, not to measure
 # it (a few pairs, two LoRA steps). full: 80 labelled prompts per slice, a LoRA epoch.
+# long: the smallest run where the policies move. Two LoRA steps at 5e-4 leave every greedy
+# answer of SmolLM2 as it was (the quick preset); 48 steps of batch 2 at 1e-3 (one epoch of
+# 96 labelled prompts, LoRA r = 8) change most greedy answers, which results.md reports as
+# "greedy answers changed"; it also runs `vrpo diagnose --model` at the DPO run on the oracle
+# g's scored data, so the prediction sits beside the result. About 2 h on a shared 2-core CPU.
 PRESETS: dict[str, dict] = {
     "quick": {"train_per_slice": 2, "eval_per_slice": 1, "num_ref_samples": 2, "max_new_tokens": 16,
               "max_steps": 2, "batch_size": 2, "learning_rate": 5e-4, "lora_r": 8, "folds": 2,
@@ -28,6 +33,9 @@ PRESETS: dict[str, dict] = {
     "full": {"train_per_slice": 80, "eval_per_slice": 20, "num_ref_samples": 4, "max_new_tokens": 64,
              "max_steps": 120, "batch_size": 4, "learning_rate": 2e-4, "lora_r": 16, "folds": 5,
              "aux_epochs": None, "methods": ["dpo", "vrpo", "vrpo_oracle"]},
+    "long": {"train_per_slice": 16, "eval_per_slice": 8, "num_ref_samples": 4, "max_new_tokens": 48,
+             "max_steps": 48, "batch_size": 2, "learning_rate": 1e-3, "lora_r": 8, "folds": 4,
+             "aux_epochs": None, "methods": ["dpo", "vrpo", "vrpo_oracle"], "diagnose_rows": 48},
 }
 # method name in results -> (vrpo train --method, auxiliary spec for `vrpo score`, or None)
 METHODS: dict[str, tuple[str, str | None]] = {
@@ -115,10 +123,11 @@ class Workflow:
             vrpo("audit", "--data", self.path("labelled", "pairs.jsonl"), "--aux", self.path("aux"), "--out", self.path("audit"))
         for name in self.s["methods"]:
             self.train(name)
+        diagnosis = self.diagnose()
         policies = {REFERENCE: self.model, **{m: self.path("train", m) for m in self.s["methods"]}}
         responses = {name: self.respond(name, folder, eval_rows) for name, folder in policies.items()}
         gates = {m: self.gate(m) for m in self.s["methods"]}
-        return self.evaluate(eval_rows, responses, gates)
+        return dict(self.evaluate(eval_rows, responses, gates), diagnosis=diagnosis)
 
     def check_resume(self) -> None:
         """Finished steps are skipped on a rerun: only safe when the settings are the same."""
@@ -184,6 +193,19 @@ class Workflow:
              "--per-device-train-batch-size", str(self.s["batch_size"]), "--learning-rate", str(self.s["learning_rate"]),
              "--lora-r", str(self.s["lora_r"]), "--seed", str(self.seed), "--save-steps", "1000000")
 
+    def diagnose(self) -> dict | None:
+        """`vrpo diagnose --model` at the DPO run, on the oracle g's scored data: the predicted
+        VRPO/DPO gradient-variance ratio by K, beside the trained policies' results."""
+        rows = self.s.get("diagnose_rows")
+        if not rows or "vrpo_oracle" not in self.s["methods"] or "dpo" not in self.s["methods"]:
+            return None
+        target = Path(self.path("diagnose", "dpo-oracle.json"))
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            vrpo("diagnose", self.path("scored", "vrpo_oracle"), "--model", self.path("train", "dpo"),
+                 "--max-rows", str(rows), "--seed", str(self.seed), "--json", str(target))
+        return json.loads(target.read_text())
+
     # ---- evaluation ------------------------------------------------------------------
     def respond(self, name: str, folder: str, rows: list[dict]) -> list[str]:
         """Greedy responses (the deployed behaviour) of one policy to the evaluation prompts."""
@@ -218,6 +240,7 @@ class Workflow:
         from vrpo.data import read_rows
         from vrpo.experiments.scheduling import evaluation as ev
         from vrpo.experiments.scheduling.panel import DEFAULT_PANEL as panel
+        import numpy as np
 
         prompts, slices = [r["prompt"] for r in rows], [r["slice"] for r in rows]
         methods = self.s["methods"]
@@ -226,6 +249,8 @@ class Workflow:
         wins.update({f"{m}_vs_dpo": ev.win_rates(panel, prompts, slices, responses[m], responses["dpo"], seed=self.seed)
                      for m in methods if m != "dpo"})
         rubrics = {name: ev.rubric_rates(panel, prompts, slices, texts) for name, texts in responses.items()}
+        # did training move the deployed (greedy) behaviour at all? share of answers unlike pi_ref's
+        changed = {m: float(np.mean([a != b for a, b in zip(responses[m], responses[REFERENCE])])) for m in methods}
         pairs = read_rows(self.path("labelled", "pairs.jsonl"))
         g = load_oof(self.path("aux"), [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
                      [p["rejected"] for p in pairs])
@@ -234,5 +259,6 @@ class Workflow:
         label_manifest = json.loads(Path(self.path("labelled", "manifest.json")).read_text())
         return {"settings": self.s, "model": self.model, "seed": self.seed, "max_regression": self.max_regression,
                 "eval_prompts": len(rows), "labelled_pairs": len(pairs), "win_rates": wins, "rubrics": rubrics,
+                "greedy_changed": changed,
                 "aux_calibration": calibration, "audit": audit, "label_noise": label_manifest["by_slice"],
                 "gates": gates, "provenance": {"samples_manifest": label_manifest.get("samples_manifest", {})}}

@@ -1,0 +1,108 @@
+"""`vrpo reproduce lm-regimes`: the regime reviewers (hand values, the Condorcet cycle), the
+measurement helpers against direct computations, and a micro end-to-end run (slow)."""
+import json
+
+import numpy as np
+import pytest
+
+from vrpo.experiments.imdb import reviewers
+
+
+class FixedGold:
+    """A gold reward that reads the score off the text: 'text|0.83' -> 0.83."""
+
+    def score(self, texts):
+        return np.array([float(t.rsplit("|", 1)[1]) for t in texts])
+
+
+def _feats(s, chars, punct):
+    return {"s": np.asarray([s], dtype=float), "chars": np.asarray([chars], dtype=float),
+            "punct": np.asarray([punct], dtype=float)}
+
+
+def test_majority_panel_hand_value_and_condorcet_cycle():
+    panel = reviewers.MajorityPanel(FixedGold())
+    # judges: p = (0.9, 0.2, 0.7) -> majority 0.9*0.2 + 0.9*0.7 + 0.2*0.7 - 2*0.9*0.2*0.7 = 0.698
+    p = panel.prob.__func__  # the formula, with judges replaced by known probabilities
+    panel.judges = lambda fa, fb: [np.array([0.9]), np.array([0.2]), np.array([0.7])]
+    assert float(p(panel, None, None)[0]) == pytest.approx(0.698)
+    panel = reviewers.MajorityPanel(FixedGold())
+    # a = (high s, mid length, low punct), b = (mid, low, high), c = (low, high, mid): a > b > c > a
+    a, b, c = _feats(0.9, 100, 0), _feats(0.5, 60, 4), _feats(0.1, 140, 2)
+    assert panel.prob(a, b)[0] > 0.9 and panel.prob(b, c)[0] > 0.9 and panel.prob(c, a)[0] > 0.9
+    for x, y in ((a, b), (b, c), (a, c)):
+        assert panel.prob(x, y)[0] + panel.prob(y, x)[0] == pytest.approx(1.0)
+
+
+def test_sharp_and_target_reviewers_hand_values():
+    sharp = reviewers.SharpSentimentReviewer(FixedGold())
+    assert sharp.preference(["x "], ["a|0.6"], ["b|0.5"])[0] == pytest.approx(1 / (1 + np.exp(-4.0)))
+    target = reviewers.TargetSentimentReviewer(FixedGold(), target=0.7)
+    # u(0.75) = -0.05 beats u(0.95) = -0.25: the most positive answer loses
+    assert target.preference(["x "], ["a|0.75"], ["b|0.95"])[0] == pytest.approx(1 / (1 + np.exp(-40 * 0.2)))
+    assert target.utility(target.features(["x "], ["a|0.75"]))[0] == pytest.approx(-0.05)
+    rng = np.random.default_rng(0)
+    labels = sharp.label(["x "] * 4000, ["a|0.55"] * 4000, ["b|0.5"] * 4000, rng)
+    assert labels.mean() == pytest.approx(1 / (1 + np.exp(-2.0)), abs=0.025)
+
+
+def test_features_count_characters_and_punctuation():
+    assert reviewers.char_count([" ab c "]).tolist() == [4.0]
+    assert reviewers.punctuation_count(["Yes, it is! Really?"]).tolist() == [3.0]
+
+
+def test_minibatch_and_bootstrap_ratios_match_direct_computation():
+    from vrpo.experiments.lm_regimes.stages import bootstrap_ratios, minibatch_ratios
+
+    rng = np.random.default_rng(1)
+    n, d = 64, 5
+    obs, aux = rng.normal(size=(n, d)), rng.normal(size=(n, d)) * 0.5
+    u = {"2": rng.normal(size=(n, d)), "4": rng.normal(size=(n, d)) * 0.5}
+    ratios, datasets = minibatch_ratios((obs, aux, {"u": u}), batch=8)
+    assert datasets == 8
+    means = lambda v: v.reshape(8, 8, d).mean(1)  # noqa: E731
+    tv = lambda v: ((v - v.mean(0)) ** 2).sum()  # noqa: E731
+    assert ratios["4"] == pytest.approx(tv(means(obs - aux + u["4"])) / tv(means(obs)))
+    ci = bootstrap_ratios((obs, aux, {"u": u}), n_boot=400)
+    for k in u:
+        point = tv(obs - aux + u[k]) / tv(obs)
+        assert ci[k][0] < point < ci[k][1]
+
+
+def test_unknown_regime_is_a_one_line_error(capsys):
+    from vrpo.cli import main
+
+    assert main(["reproduce", "lm-regimes", "--regimes", "sharp,bogus", "--out", "/tmp/never-written"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bogus" in err
+
+
+@pytest.mark.slow
+def test_micro_lm_regimes_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+    """The micro preset through the real command: per regime predicted and measured ratios
+    keyed by K, the training comparison in the chosen regimes, the report and the plot; a rerun
+    reuses every stage."""
+    from vrpo.cli import main
+    from vrpo.experiments.lm_regimes.presets import PRESETS
+
+    monkeypatch.setenv("VRPO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    argv = ["reproduce", "lm-regimes", "--preset", "micro", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    micro = PRESETS["micro"]
+    assert set(res["regimes"]) == set(micro.regimes)
+    for name, r in res["regimes"].items():
+        assert set(r["predicted_ratio"]) == {"2", "4", "8", "16"}
+        assert set(r["measured_ratio"]) == {"2", "4"}  # micro draws 4 reference samples per measured example
+        assert r["predicted_ratio"]["2"] == pytest.approx(1.0)
+        assert all(np.isfinite(v) for v in r["measured_ratio"].values())
+    assert res["training_regimes"] and set(res["training_regimes"]) <= set(micro.regimes)
+    t = res["regimes"][res["training_regimes"][0]]["training"]
+    assert set(t["table"]) == set(micro.train_methods) and "vrpo-oracle - dpo" in t["paired"]
+    md = (out / "results.md").read_text()
+    assert "vrpo reproduce lm-regimes --preset micro" in md and "nan" not in md.lower()
+    assert (out / "predicted_vs_measured.png").stat().st_size > 0
+    stamp = {p: p.stat().st_mtime for p in out.rglob("result.json")}
+    assert main(argv) == 0  # resumed: no run is trained again
+    assert all(p.stat().st_mtime == m for p, m in stamp.items())
