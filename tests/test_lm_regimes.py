@@ -106,3 +106,29 @@ def test_micro_lm_regimes_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     stamp = {p: p.stat().st_mtime for p in out.rglob("result.json")}
     assert main(argv) == 0  # resumed: no run is trained again
     assert all(p.stat().st_mtime == m for p, m in stamp.items())
+
+
+@pytest.mark.slow
+def test_scheduling_long_preset_diagnoses_rows_its_checkpoint_never_saw(tmp_path):
+    """`vrpo reproduce scheduling --preset long` (sizes shrunk, a tiny GPT-2 in place of SmolLM2):
+    the share of changed greedy answers per method, and `vrpo diagnose --model` at a DPO run on
+    half the labelled prompts, on the other half's scored rows."""
+    from vrpo.cli import main
+    from vrpo.experiments.scheduling.prompts import patient_messages
+    from vrpo.testing import build_tiny_causal_lm
+
+    texts = [r["message"] for r in patient_messages(10, seed=9)] + ["Please call 911. I can book you Tuesday at 10am."] * 5
+    model = build_tiny_causal_lm(tmp_path / "tiny", texts, vocab_size=400)
+    run = tmp_path / "run"
+    assert main(["reproduce", "scheduling", "--preset", "long", "--model", str(model), "--out", str(run),
+                 "--train-per-slice", "2", "--eval-per-slice", "1", "--max-new-tokens", "6", "--max-steps", "2"]) == 0
+    res = json.loads((run / "results.json").read_text())
+    assert set(res["greedy_changed"]) == {"dpo", "vrpo", "vrpo_oracle"}
+    assert all(0.0 <= v <= 1.0 for v in res["greedy_changed"].values())
+    trained = {json.loads(line)["prompt_id"] for line in (run / "diagnose" / "train-half.jsonl").read_text().splitlines()}
+    held = {json.loads(line)["prompt_id"] for line in (run / "diagnose" / "held-out.jsonl").read_text().splitlines()}
+    assert trained and held and not trained & held
+    d = res["diagnosis"]
+    assert d["n"] == len(held) and d["predicted_ratio"]["2"] == pytest.approx(1.0)
+    assert "LoRA adapter of the run" in d["gradients"]["differentiated"]
+    assert "Greedy answers changed" in (run / "results.md").read_text()

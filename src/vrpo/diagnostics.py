@@ -311,11 +311,23 @@ def diagnose_checkpoint(path, args) -> dict:
     obs, aux, summary = scores_from_table(table, ckpt.beta, ckpt.base_loss, [r["aux_prob"] for r in rows],
                                           [np.asarray(r["ref_aux_prob"], dtype=np.float64)[:k0, :k0] for r in rows], args.k)
     report = decompose(obs, aux, summary, args.k)
+    if ckpt.trained_on and _same_data(ckpt.trained_on, path):
+        report["note"] = (f"the checkpoint was trained on these rows ({ckpt.trained_on}): its margins fit their labels, "
+                          "which shrinks the base score and overstates the removable share; diagnose rows it did not "
+                          "train on (hold out part of the data from the short DPO run)")
     report["gradients"] = {"checkpoint": str(args.model), "differentiated": ckpt.description,
                            "trainable_parameters": sketch.num_params, "reference_model": ckpt.ref_path or str(args.model),
                            "beta": ckpt.beta, "base_loss": ckpt.base_loss,
                            "projection": "exact" if sketch.exact else f"count sketch to {sketch.dim} dimensions (seed {args.seed})"}
     return report
+
+
+def _same_data(trained_on: str, path) -> bool:
+    """Whether a run's --data (a file or a `vrpo score` folder) is the file being diagnosed."""
+    from pathlib import Path
+
+    a, b = Path(trained_on).resolve(), Path(path).resolve()
+    return a == b or (a / "data.parquet") == b
 
 
 def _reference_count(rows: list[dict], path) -> int:
@@ -348,4 +360,6 @@ def format_report(r: dict, source: str = "") -> str:
     for k, v in r["removable_share"].items():
         meas = r["measured_ratio"].get(k)
         lines.append(f"  {k:<6} {v:8.1%}           {r['predicted_ratio'][k]:22.2f}" + (f"   {meas:13.2f}" if meas is not None else ""))
+    if r.get("note"):
+        lines.append(f"  note: {r['note']}")
     return "\n".join(lines + [LEGEND])

@@ -154,9 +154,11 @@ class Checkpoint:
     LoRA); ``ref_path``: pi_ref's folder, or None when pi_ref is the model itself (every
     margin 0); ``token_settings``: the tokenisation limits training used."""
 
-    def __init__(self, model, tokenizer, ref_path, beta: float, base_loss: str, token_settings: dict, description: str):
+    def __init__(self, model, tokenizer, ref_path, beta: float, base_loss: str, token_settings: dict, description: str,
+                 trained_on: str | None = None):
         self.model, self.tokenizer, self.ref_path = model, tokenizer, ref_path
         self.beta, self.base_loss, self.token_settings, self.description = beta, base_loss, token_settings, description
+        self.trained_on = trained_on  # the run's training data, when the checkpoint is a `vrpo train` run
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in trainable_parameters(self.model))
@@ -212,7 +214,7 @@ def load_checkpoint(path: str, *, ref_model: str | None = None, beta: float | No
     settings = {k: record.get(k, v) for k, v in (("max_length", 512), ("max_prompt_length", 256),
                                                   ("prompt_truncation", "error"))}
     return Checkpoint(model, tokenizer, ref, beta or record.get("beta") or 0.1,
-                      base_loss or record.get("base_loss") or "sigmoid", settings, what)
+                      base_loss or record.get("base_loss") or "sigmoid", settings, what, record.get("data"))
 
 
 def tokenize_examples(tokenizer, prompts: Sequence[str], responses: Sequence[Sequence[str]], token_settings: dict):

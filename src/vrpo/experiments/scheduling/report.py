@@ -68,7 +68,8 @@ def movement_lines(results: dict) -> list[str]:
             f"{m} {v:.2f}" for m, v in results["greedy_changed"].items()) + ".")
     d = results.get("diagnosis")
     if d:
-        lines.append(f"`vrpo diagnose scored/vrpo_oracle --model train/dpo` ({d['n']} rows, K0 = {d['reference_samples']}, "
+        lines.append(f"`vrpo diagnose diagnose/held-out.jsonl --model diagnose/dpo-half` (a DPO run on half the labelled "
+                     f"prompts, diagnosed on {d['n']} rows of the other half, K0 = {d['reference_samples']}, "
                      f"g = p*): label noise {d['label_noise_share']:.0%}, pair {d['pair_share']:.0%}, between prompts "
                      f"{d['between_share']:.0%}; predicted Var(VRPO)/Var(DPO) " + ", ".join(
                          f"K={k} {v:.2f}" for k, v in d["predicted_ratio"].items() if k != "limit") + ".")

@@ -194,17 +194,39 @@ class Workflow:
              "--lora-r", str(self.s["lora_r"]), "--seed", str(self.seed), "--save-steps", "1000000")
 
     def diagnose(self) -> dict | None:
-        """`vrpo diagnose --model` at the DPO run, on the oracle g's scored data: the predicted
-        VRPO/DPO gradient-variance ratio by K, beside the trained policies' results."""
+        """`vrpo diagnose --model` near the DPO target, on rows that checkpoint never trained on:
+        a DPO run (same settings, half the steps) on half the labelled prompts, diagnosed on the
+        other half's scored rows (g = p*). On a run's own training pairs the fitted margins
+        shrink the base score and overstate what VRPO can remove."""
         rows = self.s.get("diagnose_rows")
-        if not rows or "vrpo_oracle" not in self.s["methods"] or "dpo" not in self.s["methods"]:
+        if not rows or "vrpo_oracle" not in self.s["methods"]:
             return None
-        target = Path(self.path("diagnose", "dpo-oracle.json"))
+        target = Path(self.path("diagnose", "held-out.json"))
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            vrpo("diagnose", self.path("scored", "vrpo_oracle"), "--model", self.path("train", "dpo"),
-                 "--max-rows", str(rows), "--seed", str(self.seed), "--json", str(target))
+            train_half, held_out = self.split_for_diagnosis()
+            run_dir = self.path("diagnose", "dpo-half")
+            if not Path(run_dir, "config.json").exists():
+                vrpo("train", "--method", "dpo", "--model", self.model, "--data", train_half, "--out", run_dir,
+                     "--max-steps", str(max(1, self.s["max_steps"] // 2)), "--per-device-train-batch-size",
+                     str(self.s["batch_size"]), "--learning-rate", str(self.s["learning_rate"]), "--lora-r",
+                     str(self.s["lora_r"]), "--seed", str(self.seed), "--save-steps", "1000000")
+            vrpo("diagnose", held_out, "--model", run_dir, "--max-rows", str(rows), "--seed", str(self.seed),
+                 "--json", str(target))
         return json.loads(target.read_text())
+
+    def split_for_diagnosis(self) -> tuple[str, str]:
+        """Labelled pairs of every other prompt (train half) and the oracle-scored rows of the rest."""
+        from vrpo.data import read_rows
+        from vrpo.provenance import atomic_write_text
+
+        pairs = read_rows(self.path("labelled", "pairs.jsonl"))
+        held = {p["prompt_id"] for i, p in enumerate(sorted(pairs, key=lambda p: p["prompt_id"])) if i % 2}
+        scored = [dict(r, ref_samples=list(r["ref_samples"]), ref_aux_prob=[list(x) for x in r["ref_aux_prob"]])
+                  for r in read_rows(self.path("scored", "vrpo_oracle", "data.parquet")) if r["prompt_id"] in held]
+        train_half, held_out = self.path("diagnose", "train-half.jsonl"), self.path("diagnose", "held-out.jsonl")
+        atomic_write_text(train_half, "".join(json.dumps(p) + "\n" for p in pairs if p["prompt_id"] not in held))
+        atomic_write_text(held_out, "".join(json.dumps(r, default=float) + "\n" for r in scored))
+        return train_half, held_out
 
     # ---- evaluation ------------------------------------------------------------------
     def respond(self, name: str, folder: str, rows: list[dict]) -> list[str]:
