@@ -361,3 +361,35 @@ def test_diagnose_model_degenerate_data_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("vrpo diagnose: error:") and "does not vary" in err and "nan" not in err.lower()
     assert main(["diagnose", str(tmp_path / "flat.jsonl"), "--proxy", "model"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_batched_per_sequence_gradients_equal_one_pass_per_sequence():
+    """One backward pass over a right-padded batch (the layer rules of PerSequenceGradients, with
+    GPT-2's tied embedding and output layer) gives each sequence's own gradient: the same as one
+    forward and backward pass per sequence, for sequences of different lengths."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from pipeline_helpers import tiny_model_dir
+
+    from vrpo.loss_gradients import PerSequenceGradients, _OneAtATime, trainable_parameters
+    from vrpo.sampling import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir()))
+    model.eval()
+    params = trainable_parameters(model)
+    engine = PerSequenceGradients.for_model(model, params)
+    assert engine is not None  # every GPT-2 parameter has a rule
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 400, (n,), generator=gen).tolist() for n in (3, 7, 5)]
+    completions = [torch.randint(1, 400, (n,), generator=gen).tolist() for n in (9, 2, 6)]
+    lp_a, g_a = engine(prompts, completions)
+    lp_b, g_b = _OneAtATime(model, params)(prompts, completions)
+    assert np.allclose(lp_a, lp_b, atol=1e-5)
+    for a, b in zip(g_a, g_b):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    # a trainable parameter in a module without a rule: the engine declines (one pass per sequence)
+    model.transformer.h[0].attn.register_parameter("extra", torch.nn.Parameter(torch.zeros(2)))
+    assert PerSequenceGradients.for_model(model, trainable_parameters(model)) is None

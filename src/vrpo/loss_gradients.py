@@ -47,6 +47,18 @@ class CountSketch:
                 self._buckets.append(torch.randint(0, self.dim, (size,), generator=gen))
                 self._signs.append(torch.randint(0, 2, (size,), generator=gen).to(torch.float32) * 2 - 1)
 
+    def project_batch(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The sketches of a batch of gradients, each parameter's given as [B, *shape]: [B, D]."""
+        if len(grads) != len(self.sizes):
+            raise ValueError(f"sketch: {len(grads)} gradient tensors for {len(self.sizes)} parameters")
+        B = grads[0].shape[0]
+        if self.exact:
+            return torch.cat([g.detach().reshape(B, -1).float() for g in grads], 1)
+        out = torch.zeros((B, self.dim))
+        for g, bucket, sign in zip(grads, self._buckets, self._signs):
+            out.index_add_(1, bucket, g.detach().reshape(B, -1).float() * sign)
+        return out
+
     def project(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """The sketch of one gradient given as a list of per-parameter tensors (None = zero): [D]."""
         if len(grads) != len(self.sizes):
@@ -70,11 +82,15 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def sequence_gradients(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                       sketch: CountSketch, *, progress: bool = False, desc: str = "per-sequence gradients"):
+                       sketch: CountSketch, *, progress: bool = False, desc: str = "per-sequence gradients",
+                       batch_tokens: int = 1024):
     """log pi_theta(y|x) and the sketched grad_theta log pi_theta(y|x) of each sequence.
 
-    One forward and backward pass per sequence, unpadded (so no attention mask is needed),
-    in eval mode (no dropout); repeated sequences are computed once. Returns
+    In eval mode (no dropout); repeated sequences are computed once. When every trainable
+    parameter sits in a module whose per-sequence gradient has a closed form (Linear, GPT-2's
+    Conv1D, Embedding, LayerNorm: ``PerSequenceGradients``), sequences go through the model in
+    right-padded batches of about ``batch_tokens`` tokens and one backward pass gives every
+    sequence's gradient; otherwise one forward and backward pass per sequence. Returns
     (logps float64 [N], gradients float32 [N, D])."""
     from tqdm.auto import tqdm
 
@@ -82,26 +98,165 @@ def sequence_gradients(model, prompt_ids: Sequence[Sequence[int]], completion_id
     if sum(p.numel() for p in params) != sketch.num_params:
         raise ValueError(f"sketch: built for {sketch.num_params} parameters, the model trains "
                          f"{sum(p.numel() for p in params)}")
-    device = params[0].device
     was_training = model.training
     model.eval()
+    seen: dict[tuple, int] = {}
+    first = []  # index of the first occurrence of each sequence
+    for i in range(len(prompt_ids)):
+        first.append(seen.setdefault((len(prompt_ids[i]), *prompt_ids[i], *completion_ids[i]), i))
+    todo = [i for i in range(len(prompt_ids)) if first[i] == i]
     logps = np.zeros(len(prompt_ids))
     grads = np.zeros((len(prompt_ids), sketch.dim), dtype=np.float32)
-    seen: dict[tuple, int] = {}
-    for i in tqdm(range(len(prompt_ids)), desc=desc, unit="seq", disable=not progress):
-        key = (len(prompt_ids[i]), *prompt_ids[i], *completion_ids[i])
-        if key in seen:
-            logps[i], grads[i] = logps[seen[key]], grads[seen[key]]
-            continue
-        seen[key] = i
-        ids = torch.tensor([list(prompt_ids[i]) + list(completion_ids[i])], device=device)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        mask[0, len(prompt_ids[i]):] = True
-        logp = sequence_logps(model(input_ids=ids).logits, ids, mask)[0]
-        g = torch.autograd.grad(logp, params, allow_unused=True)
-        logps[i], grads[i] = float(logp.detach()), sketch.project(g).cpu().numpy()
+    engine = PerSequenceGradients.for_model(model, params)
+    bar = tqdm(total=len(todo), desc=desc, unit="seq", disable=not progress)
+    for batch in _batches(todo, [len(prompt_ids[i]) + len(completion_ids[i]) for i in todo],
+                          batch_tokens if engine else 0):
+        lp, g = (engine or _OneAtATime(model, params))(
+            [prompt_ids[i] for i in batch], [completion_ids[i] for i in batch])
+        logps[batch], grads[batch] = lp, sketch.project_batch(g).cpu().numpy()
+        bar.update(len(batch))
+    bar.close()
     model.train(was_training)
+    logps, grads[:] = logps[first], grads[first]
     return logps, grads
+
+
+def _batches(items: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive groups whose padded size (count x longest) stays within ``budget`` tokens
+    (budget 0: one item per group)."""
+    out, cur, longest = [], [], 0
+    for i, n in zip(items, lengths):
+        if cur and (not budget or (len(cur) + 1) * max(longest, n) > budget):
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    return out + ([cur] if cur else [])
+
+
+def _padded(prompt_ids, completion_ids, device):
+    """Right-padded ids (pad 0) and the completion mask; no attention mask is needed: with
+    right padding and causal attention no real token sees a pad, and pads feed no log-prob."""
+    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(q) for q in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for b, (p, q) in enumerate(zip(prompt_ids, seqs)):
+        ids[b, :len(q)] = torch.tensor(q)
+        mask[b, len(p):len(q)] = True
+    return ids.to(device), mask.to(device)
+
+
+class _OneAtATime:
+    """The general path: one forward and backward pass per sequence (any module type)."""
+
+    def __init__(self, model, params):
+        self.model, self.params = model, params
+
+    def __call__(self, prompt_ids, completion_ids):
+        logps, grads = [], []
+        for p, c in zip(prompt_ids, completion_ids):
+            ids, mask = _padded([p], [c], self.params[0].device)
+            logp = sequence_logps(self.model(input_ids=ids).logits, ids, mask)[0]
+            g = torch.autograd.grad(logp, self.params, allow_unused=True)
+            logps.append(float(logp.detach()))
+            grads.append([torch.zeros_like(q) if x is None else x for x, q in zip(g, self.params)])
+        return np.array(logps), [torch.stack(gs) for gs in zip(*grads)]
+
+
+class PerSequenceGradients:
+    """Per-sequence gradients of a batch from ONE forward and backward pass.
+
+    A module's weight gradient is a sum over positions of (output gradient x input): for a
+    Linear layer dW = sum_t g_t x_t^T. Keeping the batch index instead of summing over it
+    gives each sequence's own gradient (sequences of a batch do not interact). Hooks record
+    each module's input and output gradient; ``RULES`` turns them into per-sequence
+    gradients. A parameter shared by two modules (GPT-2's tied embedding and output layer)
+    gets the sum of both contributions."""
+
+    def __init__(self, model, params, modules):
+        self.model, self.params, self.modules = model, params, modules
+
+    @classmethod
+    def for_model(cls, model, params) -> "PerSequenceGradients | None":
+        """The engine, or None when a trainable parameter sits in a module without a rule."""
+        wanted = {id(p) for p in params}
+        modules, covered = [], set()
+        for module in model.modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
+            if not own:
+                continue
+            rule = _rule(module)
+            if rule is None:
+                return None
+            modules.append((module, rule))
+            covered |= {id(p) for p in own}
+        return cls(model, params, modules) if covered == wanted else None
+
+    def __call__(self, prompt_ids, completion_ids):
+        ids, mask = _padded(prompt_ids, completion_ids, self.params[0].device)
+        records, handles = [], []
+        for module, rule in self.modules:
+            handles.append(module.register_forward_hook(self._recorder(module, rule, records)))
+        # explicit [B, T] position ids: a learned position embedding then has a per-sequence output
+        # (with the default [1, T] its gradient would already be summed over the batch)
+        positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        try:
+            logps = sequence_logps(self.model(input_ids=ids, position_ids=positions).logits, ids, mask)
+        finally:
+            for h in handles:
+                h.remove()
+        # d (sum_b logp_b) / d output_b = d logp_b / d output_b: the sequences do not interact.
+        # Only the modules' outputs are asked for, so no summed weight gradient is computed.
+        outs = torch.autograd.grad(logps.sum(), [r[3] for r in records], allow_unused=True)
+        grads = {id(p): torch.zeros((len(prompt_ids), *p.shape), dtype=torch.float32) for p in self.params}
+        for (module, rule, inp, _), g_out in zip(records, outs):
+            if g_out is None:
+                continue
+            for param, g in rule(module, inp, g_out, len(prompt_ids)):
+                if g is not None and id(param) in grads:
+                    grads[id(param)] += g.float()
+        return logps.detach().double().numpy(), [grads[id(p)] for p in self.params]
+
+    @staticmethod
+    def _recorder(module, rule, records):
+        def hook(mod, inputs, output):
+            records.append((module, rule, inputs[0].detach(), output))
+        return hook
+
+
+def _linear(m, x, g, B):
+    return [(m.weight, torch.einsum("bto,bti->boi", g, x)), (m.bias, None if m.bias is None else g.sum(1))]
+
+
+def _conv1d(m, x, g, B):  # transformers' GPT-2 Conv1D: y = x W + b, W [in, out]
+    return [(m.weight, torch.einsum("bti,bto->bio", x, g)), (m.bias, g.sum(1))]
+
+
+def _embedding(m, ids, g, B):
+    if g.shape[0] != B:
+        raise ValueError(f"per-sequence gradients: {type(m).__name__} output has batch size {g.shape[0]}, expected {B}")
+    out = torch.zeros((B * m.weight.shape[0], m.weight.shape[1]), dtype=g.dtype)
+    flat = (ids + torch.arange(B, device=ids.device)[:, None] * m.weight.shape[0]).reshape(-1)
+    out.index_add_(0, flat, g.reshape(-1, g.shape[-1]))
+    return [(m.weight, out.view(B, *m.weight.shape))]
+
+
+def _layer_norm(m, x, g, B):
+    xhat = torch.nn.functional.layer_norm(x, m.normalized_shape, eps=m.eps)
+    return [(m.weight, (g * xhat).sum(1) if m.weight is not None else None),
+            (m.bias, None if m.bias is None else g.sum(1))]
+
+
+def _rule(module):
+    """The per-sequence gradient rule of a module type (by class), or None."""
+    from transformers.pytorch_utils import Conv1D
+
+    for kind, rule in ((torch.nn.Linear, _linear), (Conv1D, _conv1d), (torch.nn.Embedding, _embedding),
+                       (torch.nn.LayerNorm, _layer_norm)):
+        if type(module) is kind or (kind is Conv1D and isinstance(module, Conv1D)):
+            return rule
+    return None
 
 
 def _dloss_dmargin(margin: np.ndarray, prob, base) -> np.ndarray:
