@@ -132,3 +132,23 @@ def test_scheduling_long_preset_diagnoses_rows_its_checkpoint_never_saw(tmp_path
     assert d["n"] == len(held) and d["predicted_ratio"]["2"] == pytest.approx(1.0)
     assert "LoRA adapter of the run" in d["gradients"]["differentiated"]
     assert "Greedy answers changed" in (run / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_micro_scheduling_regime_with_a_lora_checkpoint(tmp_path, monkeypatch):
+    """The scheduling regime's path (chat prompts, the panel's p*, a LoRA DPO checkpoint whose
+    adapter is differentiated) on a tiny GPT-2 in place of SmolLM2."""
+    from vrpo.cli import main
+    from vrpo.experiments.scheduling.prompts import patient_messages
+    from vrpo.testing import build_tiny_causal_lm
+
+    monkeypatch.setenv("VRPO_CACHE", str(tmp_path / "cache"))
+    texts = [r["message"] for r in patient_messages(10, seed=9)] + ["Please call 911. I can book you Tuesday at 10am."] * 5
+    model = build_tiny_causal_lm(tmp_path / "tiny", texts, vocab_size=400)
+    out = tmp_path / "out"
+    assert main(["reproduce", "lm-regimes", "--preset", "micro", "--regimes", "scheduling", "--scheduling-model",
+                 str(model), "--out", str(out), "--no-progress"]) == 0
+    r = json.loads((out / "results.json").read_text())["regimes"]["scheduling"]
+    assert r["world"] == "scheduling" and set(r["by_checkpoint"]) == {"dpo"}
+    assert set(r["measured_ratio"]) == {"2", "4"} and r["predicted_ratio"]["2"] == pytest.approx(1.0)
+    assert (out / "scheduling" / "scheduling" / "runs" / "dpo" / "seed0" / "model" / "adapter").is_dir()

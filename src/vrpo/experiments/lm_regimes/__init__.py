@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--regimes", default=None, help="comma-separated regimes (default: the preset's); "
                         "mixture, sharp, cycle, target, scheduling")
     parser.add_argument("--seeds", type=POSITIVE_INT, default=None, help="training seeds (default: the preset's)")
+    parser.add_argument("--scheduling-model", default=None,
+                        help="pi_ref of the scheduling regime (default: SmolLM2-135M-Instruct, converted and cached)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_overwrite_flag(parser)
 
@@ -67,12 +69,13 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     preset = _preset(args)
-    out = claim_output(args.out or f"runs/lm-regimes-{preset.name}", "reproduce lm-regimes", {"preset": asdict(preset)},
-                       overwrite=args.overwrite)
+    out = claim_output(args.out or f"runs/lm-regimes-{preset.name}", "reproduce lm-regimes",
+                       {"preset": asdict(preset), "scheduling_model": args.scheduling_model}, overwrite=args.overwrite)
     torch.set_num_threads(preset.threads)
     t0, c0 = time.perf_counter(), time.process_time()
     with folder_lock(out, "reproduce lm-regimes"):
-        results = Experiment(preset, Path(out), progress=not args.no_progress).run()
+        results = Experiment(preset, Path(out), progress=not args.no_progress,
+                             scheduling_model=args.scheduling_model).run()
         command = f"vrpo reproduce lm-regimes --preset {preset.name}" + (f" --regimes {args.regimes}" if args.regimes else "") \
             + (f" --seeds {args.seeds}" if args.seeds else "")
         results.update(command=command, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,

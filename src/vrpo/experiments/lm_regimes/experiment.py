@@ -16,15 +16,17 @@ DIAGNOSTIC_SEED = 1  # the one dataset the diagnostic reads: held out from the c
 
 
 class Experiment:
-    def __init__(self, preset, out: Path, progress: bool = True):
+    def __init__(self, preset, out: Path, progress: bool = True, scheduling_model: str | None = None):
         self.preset, self.out, self.progress = preset, Path(out), progress
+        self.scheduling_model = scheduling_model
         self.regimes = get_regimes(preset.regimes)
 
     def run(self) -> dict:
         results: dict = {"preset": self.preset.name, "regimes": {}}
         worlds = {}
         for world_name in dict.fromkeys(r.world for r in self.regimes):
-            worlds[world_name] = world = WORLDS[world_name](self.preset, self.out / world_name, self.progress)
+            worlds[world_name] = world = WORLDS[world_name](self.preset, self.out / world_name, self.progress,
+                                                            self.scheduling_model)
             for regime in (r for r in self.regimes if r.world == world_name):
                 results["regimes"][regime.name] = RegimeRun(self, world, regime).predict_and_measure()
         chosen = self.training_regimes(results["regimes"])
@@ -134,7 +136,8 @@ class RegimeRun:
         measure_ex = self.measurement_examples()
         out = {"world": self.world.name, "description": self.regime.description, "by_checkpoint": {},
                "label_stats": label_stats(self.reviewer, measure_ex)}
-        for key in self.preset.checkpoints:
+        keys = s.checkpoints or self.preset.checkpoints
+        for key in keys:
             beta = self.preset.beta
             diag_table = self.table(key, f"seed{DIAGNOSTIC_SEED}", diag_ex)
             entry = {"diagnostic": stages.decomposition(diag_table, diag_ex, self.read_aux(files["oracle"], s.diagnostic_rows), beta)[0]}
@@ -147,8 +150,8 @@ class RegimeRun:
             entry["measurement"] = dict(measured, minibatch_ratio=minibatch, datasets=datasets, batch=self.preset.batch_size,
                                         ci=stages.bootstrap_ratios(scores, self.preset.n_boot))
             out["by_checkpoint"][key] = entry
-        main = out["by_checkpoint"][self.preset.checkpoints[0]]
-        out.update(checkpoint=self.preset.checkpoints[0],
+        main = out["by_checkpoint"][keys[0]]
+        out.update(checkpoint=keys[0],
                    predicted_ratio={k: main["diagnostic"]["predicted_ratio"][k] for k in map(str, KS)},
                    measured_ratio=main["measurement"]["measured_ratio"], measured_ci=main["measurement"]["ci"],
                    ngram_proxy=self.ngram(diag_ex, files["oracle"], s.diagnostic_rows))

@@ -27,6 +27,7 @@ class WorldSizes:
     measure_ref_samples: int = 16  # reference samples per measured example (K up to 16)
     num_eval_prompts: int = 128  # held-out prompts the trained policies answer
     max_new_tokens: int = 24
+    checkpoints: tuple | None = None  # where the gradients are taken (None: the preset's checkpoints)
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,12 @@ class Preset:
     name: str
     regimes: tuple = ("mixture", "sharp", "cycle", "target")  # docs/lm_regimes.md; "scheduling" = SmolLM2
     imdb: WorldSizes = WorldSizes()
+    # SmolLM2: a gradient costs 3-4 s per sequence on the 2-core machine, so few rows, K0 = 4 for the
+    # diagnostic and 8 for the measurement, one checkpoint (a 16-step LoRA DPO run, one epoch)
     scheduling: WorldSizes = WorldSizes(num_pool_prompts=64, num_train_pairs=64, train_ref_samples=4,
-                                        diagnostic_rows=64, measure_prompts=48, measure_repeats=1,
-                                        measure_ref_samples=8, num_eval_prompts=0, max_new_tokens=32)
+                                        diagnostic_rows=48, measure_prompts=40, measure_repeats=1,
+                                        measure_ref_samples=8, num_eval_prompts=0, max_new_tokens=32,
+                                        checkpoints=("dpo",))
     policy: PolicyConfig = PolicyConfig()  # the IMDb pi_ref (shared cache with `vrpo reproduce imdb`)
     imdb_splits: dict = field(default_factory=lambda: {"gold": 10_000, "pretrain": 10_000, "prompts": 1_500,
                                                        "eval": 1_000})
@@ -65,12 +69,16 @@ PRESETS: dict[str, Preset] = {
         "quick", imdb=WorldSizes(diagnostic_rows=128, measure_prompts=120, measure_repeats=1, num_eval_prompts=96),
         seeds=(0, 1, 2), train_methods=("dpo", "vrpo-oracle"), eval_temperatures=(1.0,)),
     "full": Preset("full", regimes=("mixture", "sharp", "cycle", "target", "scheduling"), checkpoints=("dpo", "pi_ref"),
-                   imdb=WorldSizes(measure_prompts=320, measure_repeats=2)),
+                   imdb=WorldSizes(measure_prompts=200, measure_repeats=2)),
     "micro": Preset(
         "micro", regimes=("mixture", "sharp"),
         imdb=WorldSizes(num_pool_prompts=12, num_train_pairs=10, train_ref_samples=4, diagnostic_rows=10,
                         measure_prompts=6, measure_repeats=2, measure_ref_samples=4, num_eval_prompts=6,
                         max_new_tokens=6),
+        scheduling=WorldSizes(num_pool_prompts=8, num_train_pairs=8, train_ref_samples=4, diagnostic_rows=8,
+                              measure_prompts=6, measure_repeats=1, measure_ref_samples=4, num_eval_prompts=0,
+                              max_new_tokens=6, checkpoints=("dpo",)),
+        scheduling_steps=2,
         policy=PolicyConfig(vocab_size=512, n_embd=32, n_layer=1, n_head=2, seq_len=32, tokenizer_reviews=300,
                             pretrain_tokens=8_000, batch_size=16),
         imdb_splits={"gold": 1_000, "pretrain": 600, "prompts": 60, "eval": 40},

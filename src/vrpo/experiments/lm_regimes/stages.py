@@ -145,6 +145,8 @@ def minibatch_ratios(scores: tuple, batch: int) -> dict:
     the datasets being disjoint consecutive blocks of the fresh examples (iid)."""
     obs, aux, summary = scores
     n = (obs.shape[0] // batch) * batch
+    if n // batch < 2:
+        return {}, n // batch  # fewer than two datasets: no variance across them
 
     def var_of_means(v):
         means = v[:n].reshape(-1, batch, v.shape[1]).mean(1)

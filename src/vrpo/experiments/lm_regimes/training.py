@@ -29,7 +29,7 @@ def train_config(world, preset, method: str, data_file: Path, folder: Path, seed
 
     s = world.sizes
     lora = {"lora_r": world.lora_r, "max_steps": preset.scheduling_steps, "per_device_train_batch_size": 4,
-            "learning_rate": 2e-4} if world.lora_r else {"per_device_train_batch_size": preset.batch_size,
+            "learning_rate": 1e-3} if world.lora_r else {"per_device_train_batch_size": preset.batch_size,
                                                          "learning_rate": preset.learning_rate}
     return VRPOConfig(
         model=str(world.policy_dir), data=str(data_file), out=str(folder / "model"), method=METHODS[method][0],

@@ -45,7 +45,7 @@ class Regime:
     description: str
 
 
-def imdb_world(preset, out: Path, progress: bool) -> World:
+def imdb_world(preset, out: Path, progress: bool, scheduling_model=None) -> World:
     """The IMDb experiment's pi_ref, gold reward and prompts (caches shared with `vrpo reproduce imdb`)."""
     from vrpo.experiments.imdb.pipeline import Setup
     from vrpo.experiments.imdb.presets import Preset as ImdbPreset
@@ -59,15 +59,16 @@ def imdb_world(preset, out: Path, progress: bool) -> World:
                  setup.pool_prompts[s.num_pool_prompts:], setup.eval_prompts[:s.num_eval_prompts], context=setup)
 
 
-def scheduling_world(preset, out: Path, progress: bool) -> World:
-    """SmolLM2-135M-Instruct with the clinic's system prompt; patient messages in the chat template."""
+def scheduling_world(preset, out: Path, progress: bool, scheduling_model=None) -> World:
+    """SmolLM2-135M-Instruct (or ``scheduling_model``) with the clinic's system prompt; patient
+    messages in the chat template."""
     from transformers import AutoTokenizer
 
     from vrpo.experiments.scheduling.model import chat_prompt, smollm2_path
     from vrpo.experiments.scheduling.prompts import SLICES, patient_messages
 
     s = preset.scheduling
-    policy = smollm2_path()
+    policy = Path(scheduling_model) if scheduling_model else smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(policy)
     total = s.num_pool_prompts + s.measure_prompts + s.num_eval_prompts
     rows = patient_messages(-(-total // len(SLICES)), seed=7)[:total]
