@@ -39,12 +39,13 @@ class Experiment:
     def training_regimes(self, by_regime: dict) -> list[str]:
         """The IMDb regimes with the largest and the smallest predicted gain at K = 8 (training
         SmolLM2 over seeds is the scheduling experiment's job, docs/scheduling.md)."""
-        if self.preset.train_regimes != "extremes" or not self.preset.seeds:
-            return []
         imdb = {n: r["predicted_ratio"]["8"] for n, r in by_regime.items() if r["world"] == "imdb" and "8" in r["predicted_ratio"]}
-        if not imdb:
+        if not imdb or not self.preset.seeds:
             return []
-        return list(dict.fromkeys([min(imdb, key=imdb.get), max(imdb, key=imdb.get)]))
+        largest_gain = min(imdb, key=imdb.get)  # the smallest predicted ratio
+        if self.preset.train_regimes == "largest":
+            return [largest_gain]
+        return list(dict.fromkeys([largest_gain, max(imdb, key=imdb.get)]))
 
 
 class RegimeRun:

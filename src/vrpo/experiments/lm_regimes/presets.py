@@ -55,7 +55,7 @@ class Preset:
     batch_size: int = 16
     seeds: tuple = (0, 1, 2, 3, 4)
     train_methods: tuple = ("dpo", "vrpo-oracle", "vrpo-fitted")  # sigmoid, K = 8
-    train_regimes: str = "extremes"  # the regimes with the largest and the smallest predicted gain
+    train_regimes: str = "extremes"  # the regimes with the largest and the smallest predicted gain ("largest": one)
     eval_temperatures: tuple = (0.0, 1.0)
     aux_folds: int = 5
     aux_epochs: int = 30
@@ -65,9 +65,12 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
+    # quick: 10 CPU minutes with one thread (measured, docs/lm_regimes.md): every prompt of the pool
+    # labelled, a smaller diagnostic and measurement, training only where the predicted gain is largest
     "quick": Preset(
-        "quick", imdb=WorldSizes(diagnostic_rows=128, measure_prompts=120, measure_repeats=1, num_eval_prompts=96),
-        seeds=(0, 1, 2), train_methods=("dpo", "vrpo-oracle"), eval_temperatures=(1.0,)),
+        "quick", imdb=WorldSizes(num_pool_prompts=256, diagnostic_rows=128, measure_prompts=96, measure_repeats=1,
+                                 num_eval_prompts=96),
+        seeds=(0, 1, 2), train_methods=("dpo", "vrpo-oracle"), train_regimes="largest", eval_temperatures=(1.0,)),
     "full": Preset("full", regimes=("mixture", "sharp", "cycle", "target", "scheduling"), checkpoints=("dpo", "pi_ref"),
                    imdb=WorldSizes(measure_prompts=200, measure_repeats=2)),
     "micro": Preset(
