@@ -144,7 +144,7 @@ def test_micro_scheduling_regime_with_a_lora_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setenv("VRPO_CACHE", str(tmp_path / "cache"))
     texts = [r["message"] for r in patient_messages(10, seed=9)] + ["Please call 911. I can book you Tuesday at 10am."] * 5
-    model = build_tiny_causal_lm(tmp_path / "tiny", texts, vocab_size=400)
+    model = build_tiny_causal_lm(tmp_path / "tiny", texts, vocab_size=400, n_positions=512)  # system prompt: ~300 tokens
     out = tmp_path / "out"
     assert main(["reproduce", "lm-regimes", "--preset", "micro", "--regimes", "scheduling", "--scheduling-model",
                  str(model), "--out", str(out), "--no-progress"]) == 0

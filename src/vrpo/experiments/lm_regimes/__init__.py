@@ -5,8 +5,8 @@ For each regime (a reviewer with an exact p*, on the IMDb tiny GPT or on SmolLM2
 
 1. the diagnostic's prediction from ONE dataset, before any VRPO training: the
    decomposition of the checkpoint's own per-example loss gradients (``vrpo diagnose
-   --model``) on one dataset the checkpoint never saw (seed 1's labelled pairs and their 8
-   reference samples);
+   --model``) on one dataset the checkpoint never saw (labelled pairs and their 8 reference
+   samples on prompts no run trained on);
 2. the measured variance ratio Var(VRPO_K gradient) / Var(DPO gradient), K = 2, 4, 8, 16,
    over fresh datasets (fresh pairs from pi_ref, fresh labels from the reviewer, fresh
    reference samples) at the same checkpoint: the truth the prediction is judged against;

@@ -12,7 +12,7 @@ from vrpo.experiments.lm_regimes.training import METHODS, baseline_responses, co
 from vrpo.experiments.lm_regimes.worlds import WORLDS, get_regimes
 
 MEASURE_SEED = 30_000  # labels of the fresh datasets (independent of every training seed's)
-DIAGNOSTIC_SEED = 1  # the one dataset the diagnostic reads: held out from the checkpoint (seed 0's DPO run)
+DIAGNOSTIC_SEED = 20_000  # labels of the diagnostic's dataset
 
 
 class Experiment:
@@ -68,14 +68,27 @@ class RegimeRun:
         s = self.world.sizes
         ex = stages.labelled_examples(self.reviewer, self.seed_samples(seed), s.num_train_pairs, s.train_ref_samples,
                                       np.random.default_rng(10_000 + seed))
+        return ex, self.data_files(ex, f"seed{seed}", seed, kinds)
+
+    def diagnostic_data(self, kinds=("oracle",)) -> tuple[dict, dict]:
+        """The ONE dataset the diagnostic reads, as a user would have it: labelled pairs with K
+        reference samples on prompts that neither the checkpoint nor any training run saw."""
+        s = self.world.sizes
+        rows = stages.draw_samples(self.world, self.exp.out / self.world.name / "samples" / "diagnostic",
+                                   self.world.diagnostic_prompts, 2 + s.train_ref_samples, seed=200)
+        ex = stages.labelled_examples(self.reviewer, rows, len(rows), s.train_ref_samples,
+                                      np.random.default_rng(DIAGNOSTIC_SEED))
+        return ex, self.data_files(ex, "diagnostic", 0, kinds)
+
+    def data_files(self, ex: dict, name: str, seed: int, kinds) -> dict:
         files = {}
         for kind in kinds:
-            path = self.folder / "data" / f"seed{seed}-{kind}.jsonl"
+            path = self.folder / "data" / f"{name}-{kind}.jsonl"
             if not path.exists():
                 aux = self.aux(kind, ex, seed)
                 stages.write_rows(path, stages.preference_rows(ex, *aux))
             files[kind] = path
-        return ex, files
+        return files
 
     def aux(self, kind: str, ex: dict, seed: int) -> tuple:
         if kind == "oracle":
@@ -128,19 +141,18 @@ class RegimeRun:
 
     # ---- prediction and measurement --------------------------------------------------
     def predict_and_measure(self) -> dict:
-        """The diagnostic reads seed 1's dataset, which the checkpoint (seed 0's DPO run) never
-        saw: on its own training pairs the fitted margins shrink the base score, and the
-        removable share comes out too large (docs/lm_regimes.md)."""
+        """The diagnostic reads a dataset the checkpoint (seed 0's DPO run) never saw: on its own
+        training pairs the fitted margins shrink the base score, and the removable share comes
+        out too large (docs/lm_regimes.md)."""
         s = self.world.sizes
-        ex, files = self.seed_data(DIAGNOSTIC_SEED, ("oracle", "fitted") if self.wants_fitted() else ("oracle",))
-        diag_ex = {k: v[:s.diagnostic_rows] for k, v in ex.items()}
+        diag_ex, files = self.diagnostic_data(("oracle", "fitted") if self.wants_fitted() else ("oracle",))
         measure_ex = self.measurement_examples()
         out = {"world": self.world.name, "description": self.regime.description, "by_checkpoint": {},
                "label_stats": label_stats(self.reviewer, measure_ex)}
         keys = s.checkpoints or self.preset.checkpoints
         for key in keys:
             beta = self.preset.beta
-            diag_table = self.table(key, f"seed{DIAGNOSTIC_SEED}", diag_ex)
+            diag_table = self.table(key, "diagnostic", diag_ex)
             entry = {"diagnostic": stages.decomposition(diag_table, diag_ex, self.read_aux(files["oracle"], s.diagnostic_rows), beta)[0]}
             if "fitted" in files:
                 entry["diagnostic_fitted_g"] = stages.decomposition(

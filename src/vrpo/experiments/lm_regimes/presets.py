@@ -21,7 +21,7 @@ class WorldSizes:
     num_pool_prompts: int = 320  # prompts that carry labelled pairs (a seed uses num_train_pairs of them)
     num_train_pairs: int = 256  # labelled pairs per seed (the IMDb quick preset's)
     train_ref_samples: int = 8  # K0 of the training data: VRPO trains with K = 8, the diagnostic reads all 8
-    diagnostic_rows: int = 256  # rows of seed 0's data the diagnostic uses (one dataset, before VRPO training)
+    diagnostic_rows: int = 256  # the diagnostic's one dataset: labelled pairs on prompts no checkpoint trained on
     measure_prompts: int = 160  # prompts of the fresh datasets that measure the variance (item 2)
     measure_repeats: int = 2  # independent examples per measurement prompt (each with its own 2 + 16 samples)
     measure_ref_samples: int = 16  # reference samples per measured example (K up to 16)

@@ -74,7 +74,7 @@ def results_markdown(results: dict) -> str:
     lines = [f"# Where VRPO helps on a language model (`{results['command']}`)", "",
              "Variance of the per-example loss gradient at the checkpoint (seed 0's DPO run unless the row says "
              "pi_ref), in a fixed count sketch of all trainable parameters. *predicted*: `vrpo diagnose --model` from "
-             "ONE dataset the checkpoint never saw (seed 1's labelled pairs, their reference samples, g = p*), before any "
+             "ONE dataset the checkpoint never saw (labelled pairs and their reference samples on held-out prompts, g = p*), before any "
              "VRPO training. "
              "*measured*: Var(VRPO_K gradient) / Var(DPO gradient) over fresh examples (fresh pairs from pi_ref, fresh "
              "labels from the reviewer, fresh reference samples; g = p*), 95% bootstrap CI over examples. "

@@ -29,7 +29,8 @@ class World:
     name: str
     policy_dir: Path
     sizes: object  # presets.WorldSizes
-    pool_prompts: list  # prompts of the labelled pairs
+    pool_prompts: list  # prompts of the labelled pairs of the training seeds
+    diagnostic_prompts: list  # prompts of the one dataset the diagnostic reads (no checkpoint trains on them)
     measure_prompts: list  # prompts of the fresh datasets that measure the gradient variance
     eval_prompts: list  # held-out prompts the trained policies answer
     lora_r: int = 0  # 0: every parameter trains; > 0: a LoRA adapter of this rank
@@ -51,12 +52,19 @@ def imdb_world(preset, out: Path, progress: bool, scheduling_model=None) -> Worl
     from vrpo.experiments.imdb.presets import Preset as ImdbPreset
 
     s = preset.imdb
-    pool = s.num_pool_prompts + s.measure_prompts
     setup = Setup(ImdbPreset("lm-regimes", split_sizes=dict(preset.imdb_splits), policy=preset.policy,
                              prompt_tokens=preset.prompt_tokens, max_new_tokens=s.max_new_tokens,
-                             num_pool_prompts=pool, num_eval_prompts=max(1, s.num_eval_prompts)), out, progress)
-    return World("imdb", setup.policy_dir, s, setup.pool_prompts[:s.num_pool_prompts],
-                 setup.pool_prompts[s.num_pool_prompts:], setup.eval_prompts[:s.num_eval_prompts], context=setup)
+                             num_pool_prompts=s.num_pool_prompts + s.diagnostic_rows + s.measure_prompts,
+                             num_eval_prompts=max(1, s.num_eval_prompts)), out, progress)
+    pool, diagnostic, measure = _split(setup.pool_prompts, s)
+    return World("imdb", setup.policy_dir, s, pool, diagnostic, measure, setup.eval_prompts[:s.num_eval_prompts],
+                 context=setup)
+
+
+def _split(prompts: list, s) -> tuple[list, list, list]:
+    """Disjoint prompt sets: training pool, the diagnostic's dataset, the measurement's."""
+    a, b = s.num_pool_prompts, s.num_pool_prompts + s.diagnostic_rows
+    return prompts[:a], prompts[a:b], prompts[b:b + s.measure_prompts]
 
 
 def scheduling_world(preset, out: Path, progress: bool, scheduling_model=None) -> World:
@@ -70,11 +78,12 @@ def scheduling_world(preset, out: Path, progress: bool, scheduling_model=None) -
     s = preset.scheduling
     policy = Path(scheduling_model) if scheduling_model else smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(policy)
-    total = s.num_pool_prompts + s.measure_prompts + s.num_eval_prompts
+    total = s.num_pool_prompts + s.diagnostic_rows + s.measure_prompts + s.num_eval_prompts
     rows = patient_messages(-(-total // len(SLICES)), seed=7)[:total]
     prompts = [chat_prompt(tokenizer, r["message"]) for r in rows]
-    a, b = s.num_pool_prompts, s.num_pool_prompts + s.measure_prompts
-    return World("scheduling", policy, s, prompts[:a], prompts[a:b], prompts[b:], lora_r=8)
+    pool, diagnostic, measure = _split(prompts, s)
+    return World("scheduling", policy, s, pool, diagnostic, measure, prompts[len(prompts) - s.num_eval_prompts:],
+                 lora_r=8)
 
 
 WORLDS: dict[str, Callable] = {"imdb": imdb_world, "scheduling": scheduling_world}
