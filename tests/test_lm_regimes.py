@@ -97,6 +97,7 @@ def test_micro_lm_regimes_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
         assert set(r["measured_ratio"]) == {"2", "4"}  # micro draws 4 reference samples per measured example
         assert r["predicted_ratio"]["2"] == pytest.approx(1.0)
         assert all(np.isfinite(v) for v in r["measured_ratio"].values())
+        assert r["in_sample"]["n"] == micro.imdb.diagnostic_rows  # the pitfall: the checkpoint's own pairs
     assert res["training_regimes"] and set(res["training_regimes"]) <= set(micro.regimes)
     t = res["regimes"][res["training_regimes"][0]]["training"]
     assert set(t["table"]) == set(micro.train_methods) and "vrpo-oracle - dpo" in t["paired"]

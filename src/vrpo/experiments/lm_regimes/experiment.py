@@ -163,12 +163,23 @@ class RegimeRun:
             entry["measurement"] = dict(measured, minibatch_ratio=minibatch, datasets=datasets, batch=self.preset.batch_size,
                                         ci=stages.bootstrap_ratios(scores, self.preset.n_boot))
             out["by_checkpoint"][key] = entry
+        if self.preset.in_sample_check and "dpo" in keys:
+            out["in_sample"] = self.in_sample_diagnosis()
         main = out["by_checkpoint"][keys[0]]
         out.update(checkpoint=keys[0],
                    predicted_ratio={k: main["diagnostic"]["predicted_ratio"][k] for k in map(str, KS)},
                    measured_ratio=main["measurement"]["measured_ratio"], measured_ci=main["measurement"]["ci"],
                    ngram_proxy=self.ngram(diag_ex, files["oracle"], s.diagnostic_rows))
         return out
+
+    def in_sample_diagnosis(self) -> dict:
+        """The diagnostic on the DPO checkpoint's OWN training pairs (seed 0's first rows): what a
+        user gets who diagnoses the data the short run trained on."""
+        s = self.world.sizes
+        ex, files = self.seed_data(0)
+        ex = {k: v[:s.diagnostic_rows] for k, v in ex.items()}
+        return stages.decomposition(self.table("dpo", "seed0", ex), ex, self.read_aux(files["oracle"], s.diagnostic_rows),
+                                    self.preset.beta)[0]
 
     def wants_fitted(self) -> bool:
         return "vrpo-fitted" in self.preset.train_methods and self.world.name == "imdb"

@@ -60,6 +60,7 @@ class Preset:
     aux_folds: int = 5
     aux_epochs: int = 30
     scheduling_steps: int = 16  # LoRA steps of the scheduling DPO checkpoint (batch 4)
+    in_sample_check: bool = False  # also diagnose the checkpoint's own training pairs (the pitfall, measured)
     n_boot: int = 1000
     threads: int = 1  # torch threads: on a shared 2-core machine one thread per process is fastest
 
@@ -72,7 +73,7 @@ PRESETS: dict[str, Preset] = {
                                  num_eval_prompts=96),
         seeds=(0, 1, 2), train_methods=("dpo", "vrpo-oracle"), train_regimes="largest", eval_temperatures=(1.0,)),
     "full": Preset("full", regimes=("mixture", "sharp", "cycle", "target", "scheduling"), checkpoints=("dpo", "pi_ref"),
-                   imdb=WorldSizes(measure_prompts=200, measure_repeats=2)),
+                   imdb=WorldSizes(measure_prompts=200, measure_repeats=2), in_sample_check=True),
     "micro": Preset(
         "micro", regimes=("mixture", "sharp"),
         imdb=WorldSizes(num_pool_prompts=12, num_train_pairs=10, train_ref_samples=4, diagnostic_rows=10,
@@ -86,7 +87,7 @@ PRESETS: dict[str, Preset] = {
                             pretrain_tokens=8_000, batch_size=16),
         imdb_splits={"gold": 1_000, "pretrain": 600, "prompts": 60, "eval": 40},
         sketch_dim=256, seeds=(0, 1), train_methods=("dpo", "vrpo-oracle", "vrpo-fitted"), batch_size=4,
-        num_train_epochs=1.0, aux_folds=2, aux_epochs=2, n_boot=100),
+        num_train_epochs=1.0, aux_folds=2, aux_epochs=2, n_boot=100, in_sample_check=True),
 }
 
 

@@ -8,6 +8,10 @@ from vrpo.experiments.lm_regimes.presets import KS
 TOLERANCE = 0.15  # the prediction is "right" when |predicted - measured| <= this at K = 8
 
 
+def _num(v) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
 def _ratios(d: dict, ci: dict | None = None) -> str:
     cells = []
     for k in map(str, KS):
@@ -42,11 +46,24 @@ def secondary_table(results: dict) -> list[str]:
         entry = r["by_checkpoint"][r["checkpoint"]]
         fitted = entry.get("diagnostic_fitted_g", {}).get("predicted_ratio", {}).get("8")
         mini = entry["measurement"]["minibatch_ratio"].get("8")
-        meas = r["measured_ratio"].get("8")
-        lines.append(f"| {name} | {'–' if meas is None else f'{meas:.2f}'} | {r['predicted_ratio']['8']:.2f} | "
+        lines.append(f"| {name} | {_num(r['measured_ratio'].get('8'))} | {r['predicted_ratio']['8']:.2f} | "
                      f"{'–' if fitted is None else f'{fitted:.2f}'} | {r['ngram_proxy']['8']:.2f} | "
                      f"{'–' if mini is None else f'{mini:.2f}'} ({entry['measurement']['datasets']} datasets) |")
     return lines
+
+
+def in_sample_table(results: dict) -> list[str]:
+    """The pitfall: the diagnostic on the checkpoint's own training pairs, beside the held-out one."""
+    rows = [(n, r) for n, r in results["regimes"].items() if "in_sample" in r]
+    if not rows:
+        return []
+    lines = ["| regime | measured K=8 | predicted K=8, held-out rows | predicted K=8, the checkpoint's own training rows "
+             "| pair share, held-out / own rows |", "|---|---|---|---|---|"]
+    for name, r in rows:
+        held, own = r["by_checkpoint"]["dpo"]["diagnostic"], r["in_sample"]
+        lines.append(f"| {name} | {_num(r['measured_ratio'].get('8'))} | {held['predicted_ratio']['8']:.2f} | "
+                     f"{own['predicted_ratio']['8']:.2f} | {held['pair_share']:.0%} / {own['pair_share']:.0%} |")
+    return lines + [""]
 
 
 def _batch(results: dict) -> int:
@@ -79,7 +96,7 @@ def results_markdown(results: dict) -> str:
              "*measured*: Var(VRPO_K gradient) / Var(DPO gradient) over fresh examples (fresh pairs from pi_ref, fresh "
              "labels from the reviewer, fresh reference samples; g = p*), 95% bootstrap CI over examples. "
              "4p*(1-p*): mean over fresh pairs; 1 = every label a coin flip, 0 = every label decided by the pair.", ""]
-    lines += regime_table(results) + [""] + secondary_table(results) + [""]
+    lines += regime_table(results) + [""] + secondary_table(results) + [""] + in_sample_table(results)
     for name in results.get("training_regimes", []):
         lines += training_section(name, results["regimes"][name]["training"])
     lines.append(f"Wall time {results['seconds']:.0f} s, CPU time {results['cpu_seconds']:.0f} s "
