@@ -393,3 +393,19 @@ def test_batched_per_sequence_gradients_equal_one_pass_per_sequence():
     # a trainable parameter in a module without a rule: the engine declines (one pass per sequence)
     model.transformer.h[0].attn.register_parameter("extra", torch.nn.Parameter(torch.zeros(2)))
     assert PerSequenceGradients.for_model(model, trainable_parameters(model)) is None
+
+
+def test_reference_pair_summary_blocks_are_the_disjoint_u_statistics():
+    """u_blocks[K][:, b] = mean of m_jk over pairs j < k inside samples bK..bK+K-1 (loops)."""
+    from vrpo.diagnostics import reference_pair_summary
+
+    rng = np.random.default_rng(5)
+    m = _symmetric_pairs(rng, 3, 6, 2)
+    s = reference_pair_summary(m, (2, 3, 4))
+    assert s["u_blocks"]["2"].shape == (3, 3, 2) and s["u_blocks"]["4"].shape == (3, 1, 2)
+    for k in (2, 3):
+        for b in range(6 // k):
+            idx = range(b * k, (b + 1) * k)
+            want = np.mean([m[:, j, l] for j in idx for l in idx if j < l], 0)
+            assert np.allclose(s["u_blocks"][str(k)][:, b], want, atol=1e-6)
+    assert np.allclose(s["u_blocks"]["4"][:, 0], s["u"]["4"], atol=1e-6)

@@ -51,22 +51,26 @@ def test_features_count_characters_and_punctuation():
     assert reviewers.punctuation_count(["Yes, it is! Really?"]).tolist() == [3.0]
 
 
-def test_minibatch_and_bootstrap_ratios_match_direct_computation():
-    from vrpo.experiments.lm_regimes.stages import bootstrap_ratios, minibatch_ratios
+def test_measured_minibatch_and_bootstrap_ratios_match_direct_computation():
+    """Block-averaged measured ratio, the ratio across datasets of 8 examples, and its bootstrap
+    interval, against loops written out here."""
+    from vrpo.experiments.lm_regimes.stages import block_measured_ratios, bootstrap_ratios, minibatch_ratios
 
     rng = np.random.default_rng(1)
     n, d = 64, 5
     obs, aux = rng.normal(size=(n, d)), rng.normal(size=(n, d)) * 0.5
-    u = {"2": rng.normal(size=(n, d)), "4": rng.normal(size=(n, d)) * 0.5}
-    ratios, datasets = minibatch_ratios((obs, aux, {"u": u}), batch=8)
+    blocks = {"2": rng.normal(size=(n, 2, d)), "4": rng.normal(size=(n, 1, d)) * 0.5}  # K0 = 4
+    scores = (obs, aux, {"u_blocks": blocks})
+    tv = lambda v: ((v - v.mean(0)) ** 2).sum()  # noqa: E731
+    measured = block_measured_ratios(scores)
+    assert measured["2"] == pytest.approx((tv(obs - aux + blocks["2"][:, 0]) + tv(obs - aux + blocks["2"][:, 1])) / 2 / tv(obs))
+    ratios, datasets = minibatch_ratios(scores, batch=8)
     assert datasets == 8
     means = lambda v: v.reshape(8, 8, d).mean(1)  # noqa: E731
-    tv = lambda v: ((v - v.mean(0)) ** 2).sum()  # noqa: E731
-    assert ratios["4"] == pytest.approx(tv(means(obs - aux + u["4"])) / tv(means(obs)))
-    ci = bootstrap_ratios((obs, aux, {"u": u}), n_boot=400)
-    for k in u:
-        point = tv(obs - aux + u[k]) / tv(obs)
-        assert ci[k][0] < point < ci[k][1]
+    assert ratios["4"] == pytest.approx(tv(means(obs - aux + blocks["4"][:, 0])) / tv(means(obs)))
+    ci = bootstrap_ratios(scores, n_boot=400)
+    for k in blocks:
+        assert ci[k][0] < measured[k] < ci[k][1]
 
 
 def test_unknown_regime_is_a_one_line_error(capsys):

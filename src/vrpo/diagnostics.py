@@ -65,18 +65,23 @@ def u_statistic_variance(k: int, zeta_2: float, zeta_1: float) -> float:
 def reference_pair_summary(ref_pair_scores, ks: Sequence[int] = (2, 4, 8, 16)) -> dict:
     """What the decomposition needs from the reference pairs, per example: ``zeta_2`` [n],
     ``zeta_1`` [n] (``pair_moments``) and ``u`` {K: [n, d]}, the U-statistic (mean score over
-    the pairs of the first K samples) for each K <= K0. Computed chunk by chunk of examples
+    the pairs of the first K samples) for each K <= K0; ``u_blocks`` {K: [n, K0 // K, d]}
+    (float32), the same over each disjoint block of K samples (independent draws of U_K, for a
+    measurement that averages variances over blocks). Computed chunk by chunk of examples
     (``concat_summaries`` joins them), so [n, K0, K0, d] never has to be held at once."""
     ref = np.asarray(ref_pair_scores)
     if ref.ndim != 4 or ref.shape[1] != ref.shape[2]:
         raise ValueError(f"ref_pair_scores: shape {ref.shape}; expected [n, K0, K0, d]")
     zeta_2, zeta_1 = pair_moments(ref)
-    u = {}
+    u, blocks = {}, {}
     for k in ks:
         if 2 <= k <= ref.shape[1]:
             j, l = np.triu_indices(k, 1)
+            blocks[str(k)] = np.stack([ref[:, b + j, b + l].astype(np.float64).mean(1)
+                                       for b in range(0, ref.shape[1] - k + 1, k)], 1).astype(np.float32)
             u[str(k)] = ref[:, j, l].astype(np.float64).mean(1)
-    return {"zeta_2": zeta_2, "zeta_1": zeta_1, "u": u, "reference_samples": int(ref.shape[1]), "d": int(ref.shape[3])}
+    return {"zeta_2": zeta_2, "zeta_1": zeta_1, "u": u, "u_blocks": blocks, "reference_samples": int(ref.shape[1]),
+            "d": int(ref.shape[3])}
 
 
 def concat_summaries(parts: Sequence[dict]) -> dict:
@@ -85,6 +90,7 @@ def concat_summaries(parts: Sequence[dict]) -> dict:
         raise ValueError("reference pair summaries: none to join")
     return {"zeta_2": np.concatenate([p["zeta_2"] for p in parts]), "zeta_1": np.concatenate([p["zeta_1"] for p in parts]),
             "u": {k: np.concatenate([p["u"][k] for p in parts]) for k in parts[0]["u"]},
+            "u_blocks": {k: np.concatenate([p["u_blocks"][k] for p in parts]) for k in parts[0]["u_blocks"]},
             "reference_samples": parts[0]["reference_samples"], "d": parts[0]["d"]}
 
 

@@ -160,7 +160,9 @@ class RegimeRun:
             measured, scores = stages.decomposition(self.table(key, "measure", measure_ex), measure_ex,
                                                     stages.oracle_aux(self.reviewer, measure_ex), beta)
             minibatch, datasets = stages.minibatch_ratios(scores, self.preset.batch_size)
-            entry["measurement"] = dict(measured, minibatch_ratio=minibatch, datasets=datasets, batch=self.preset.batch_size,
+            entry["measurement"] = dict(measured, measured_ratio=stages.block_measured_ratios(scores),
+                                        first_block_ratio=measured["measured_ratio"], minibatch_ratio=minibatch,
+                                        datasets=datasets, batch=self.preset.batch_size,
                                         ci=stages.bootstrap_ratios(scores, self.preset.n_boot))
             out["by_checkpoint"][key] = entry
         if self.preset.in_sample_check and "dpo" in keys:

@@ -140,6 +140,21 @@ def decomposition(table: dict, ex: dict, aux: tuple, beta: float, base: str = "s
     return decompose(obs, obs_aux, summary, KS), (obs, obs_aux, summary)
 
 
+def block_measured_ratios(scores: tuple) -> dict:
+    """Var(VRPO_K) / Var(DPO) over the examples, the VRPO variance averaged over the disjoint
+    blocks of K reference samples each example holds (K0 // K independent draws of U_K: the
+    same expectation as the first block alone, less noise)."""
+    obs, aux, summary = scores
+    base = _trace_var(obs)
+    return {k: float(np.mean([_trace_var(obs - aux + u[:, b]) for b in range(u.shape[1])])) / base
+            for k, u in summary["u_blocks"].items()}
+
+
+def _trace_var(v: np.ndarray) -> float:
+    v = np.asarray(v, dtype=np.float64)
+    return float(((v - v.mean(0)) ** 2).sum() / max(1, v.shape[0] - 1))
+
+
 def minibatch_ratios(scores: tuple, batch: int) -> dict:
     """Var over datasets of ``batch`` examples of the minibatch-mean VRPO gradient over DPO's,
     the datasets being disjoint consecutive blocks of the fresh examples (iid)."""
@@ -149,15 +164,15 @@ def minibatch_ratios(scores: tuple, batch: int) -> dict:
         return {}, n // batch  # fewer than two datasets: no variance across them
 
     def var_of_means(v):
-        means = v[:n].reshape(-1, batch, v.shape[1]).mean(1)
-        return float(((means - means.mean(0)) ** 2).sum() / max(1, means.shape[0] - 1))
+        return _trace_var(np.asarray(v[:n], dtype=np.float64).reshape(-1, batch, v.shape[1]).mean(1))
 
     base = var_of_means(obs)
-    return {k: var_of_means(obs - aux + u) / base for k, u in summary["u"].items()}, n // batch
+    return {k: float(np.mean([var_of_means(obs - aux + u[:, b]) for b in range(u.shape[1])])) / base
+            for k, u in summary["u_blocks"].items()}, n // batch
 
 
 def bootstrap_ratios(scores: tuple, n_boot: int, seed: int = 0) -> dict:
-    """95% percentile intervals of the per-example variance ratios, resampling examples.
+    """95% percentile intervals of ``block_measured_ratios``, resampling examples.
 
     With resampling counts w [B, n]: sum_i w_i |v_i - vbar_w|^2 = w . |v|^2 - |w V|^2 / n,
     one matrix product per array instead of a loop over resamples."""
@@ -166,9 +181,12 @@ def bootstrap_ratios(scores: tuple, n_boot: int, seed: int = 0) -> dict:
     w = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
 
     def trace_sums(v):
-        v = v.astype(np.float64)
+        v = np.asarray(v, dtype=np.float64)
         return w @ (v ** 2).sum(1) - ((w @ v) ** 2).sum(1) / n
 
     base = trace_sums(obs)
-    return {k: [float(q) for q in np.quantile(trace_sums(obs - aux + u) / base, [0.025, 0.975])]
-            for k, u in summary["u"].items()}
+    out = {}
+    for k, u in summary["u_blocks"].items():
+        ratio = np.mean([trace_sums(obs - aux + u[:, b]) for b in range(u.shape[1])], 0) / base
+        out[k] = [float(q) for q in np.quantile(ratio, [0.025, 0.975])]
+    return out
