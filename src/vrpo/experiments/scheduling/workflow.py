@@ -21,11 +21,12 @@ from pathlib import Path
 
 # Preset sizes. quick: runs on 2 CPU cores in minutes, to show the workflow, not to measure
 # it (a few pairs, two LoRA steps). full: 80 labelled prompts per slice, a LoRA epoch.
-# long: the smallest run where the policies move. Two LoRA steps at 5e-4 leave every greedy
-# answer of SmolLM2 as it was (the quick preset); 48 steps of batch 2 at 1e-3 (one epoch of
-# 96 labelled prompts, LoRA r = 8) change most greedy answers, which results.md reports as
-# "greedy answers changed"; it also runs `vrpo diagnose --model` at the DPO run on the oracle
-# g's scored data, so the prediction sits beside the result. About 2 h on a shared 2-core CPU.
+# long: a run where the policies move. Two LoRA steps at 5e-4 leave every greedy answer of
+# SmolLM2 as it was (the quick preset); 24 steps of batch 2 at 1e-3 (half an epoch of 96
+# labelled prompts, LoRA r = 8) move the adapter far enough to change greedy answers, which
+# results.md reports as "greedy answers changed"; it also runs `vrpo diagnose --model` at a DPO
+# run on half the prompts, on the other half's rows, so the prediction sits beside the result.
+# Hours on a shared 2-core CPU (docs/scheduling.md).
 PRESETS: dict[str, dict] = {
     "quick": {"train_per_slice": 2, "eval_per_slice": 1, "num_ref_samples": 2, "max_new_tokens": 16,
               "max_steps": 2, "batch_size": 2, "learning_rate": 5e-4, "lora_r": 8, "folds": 2,
@@ -34,8 +35,8 @@ PRESETS: dict[str, dict] = {
              "max_steps": 120, "batch_size": 4, "learning_rate": 2e-4, "lora_r": 16, "folds": 5,
              "aux_epochs": None, "methods": ["dpo", "vrpo", "vrpo_oracle"]},
     "long": {"train_per_slice": 16, "eval_per_slice": 8, "num_ref_samples": 4, "max_new_tokens": 48,
-             "max_steps": 48, "batch_size": 2, "learning_rate": 1e-3, "lora_r": 8, "folds": 4,
-             "aux_epochs": None, "methods": ["dpo", "vrpo", "vrpo_oracle"], "diagnose_rows": 48},
+             "max_steps": 24, "batch_size": 2, "learning_rate": 1e-3, "lora_r": 8, "folds": 4,
+             "aux_epochs": None, "methods": ["dpo", "vrpo", "vrpo_oracle"], "diagnose_rows": 24},
 }
 # method name in results -> (vrpo train --method, auxiliary spec for `vrpo score`, or None)
 METHODS: dict[str, tuple[str, str | None]] = {
