@@ -112,8 +112,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    ax.plot([0, 1.1], [0, 1.1], color="grey", lw=1)
-    ax.fill_between([0, 1.1], [-TOLERANCE, 1.1 - TOLERANCE], [TOLERANCE, 1.1 + TOLERANCE], color="grey", alpha=0.15)
+    ax.plot([0, 1.3], [0, 1.3], color="grey", lw=1)
+    ax.fill_between([0, 1.3], [-TOLERANCE, 1.3 - TOLERANCE], [TOLERANCE, 1.3 + TOLERANCE], color="grey", alpha=0.15)
     markers = {"2": "o", "4": "s", "8": "D", "16": "^"}
     for i, (name, r) in enumerate(results["regimes"].items()):
         for key, entry in r["by_checkpoint"].items():
@@ -126,8 +126,8 @@ def plot(results: dict, path: Path) -> None:
                                 label=f"{name} ({key})" if k == "8" else None)
     ax.set_xlabel("predicted Var(VRPO) / Var(DPO), one dataset")
     ax.set_ylabel("measured over fresh datasets")
-    ax.set_xlim(0, 1.1)
-    ax.set_ylim(0, 1.1)
+    ax.set_xlim(0, 1.15)
+    ax.set_ylim(0, 1.3)
     ax.set_title("marker = K (circle 2, square 4, diamond 8, triangle 16)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
