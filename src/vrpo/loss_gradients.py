@@ -44,7 +44,7 @@ class CountSketch:
         if not self.exact:
             gen = torch.Generator().manual_seed(int(seed))
             for size in self.sizes:
-                self._buckets.append(torch.randint(0, self.dim, (size,), generator=gen))
+                self._buckets.append(torch.randint(0, self.dim, (size,), generator=gen).to(torch.int32))  # 4 bytes each
                 self._signs.append(torch.randint(0, 2, (size,), generator=gen).to(torch.float32) * 2 - 1)
 
     def project_batch(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
