@@ -54,13 +54,13 @@ def test_features_count_characters_and_punctuation():
 def test_measured_minibatch_and_bootstrap_ratios_match_direct_computation():
     """Block-averaged measured ratio, the ratio across datasets of 8 examples, and its bootstrap
     interval, against loops written out here."""
-    from vrpo.experiments.lm_regimes.stages import block_measured_ratios, bootstrap_ratios, minibatch_ratios
+    from vrpo.experiments.lm_regimes.stages import block_measured_ratios, bootstrap_ratios, minibatch_ratios, realised_scores
 
     rng = np.random.default_rng(1)
     n, d = 64, 5
     obs, aux = rng.normal(size=(n, d)), rng.normal(size=(n, d)) * 0.5
     blocks = {"2": rng.normal(size=(n, 2, d)), "4": rng.normal(size=(n, 1, d)) * 0.5}  # K0 = 4
-    scores = (obs, aux, {"u_blocks": blocks})
+    scores = realised_scores((obs, aux, {"u_blocks": blocks}))
     tv = lambda v: ((v - v.mean(0)) ** 2).sum()  # noqa: E731
     measured = block_measured_ratios(scores)
     assert measured["2"] == pytest.approx((tv(obs - aux + blocks["2"][:, 0]) + tv(obs - aux + blocks["2"][:, 1])) / 2 / tv(obs))
@@ -71,6 +71,37 @@ def test_measured_minibatch_and_bootstrap_ratios_match_direct_computation():
     ci = bootstrap_ratios(scores, n_boot=400)
     for k in blocks:
         assert ci[k][0] < measured[k] < ci[k][1]
+
+
+def test_label_expected_ratios_equal_the_average_over_fresh_label_draws():
+    """The measured ratios in expectation over the labels (exact, from p*) against Monte Carlo:
+    the same pairs and reference samples relabelled 1500 times, Bernoulli(p*) each time, the
+    numerators and denominators averaged over draws."""
+    from vrpo.experiments.lm_regimes import stages
+    from vrpo.loss_gradients import scores_from_table
+
+    rng = np.random.default_rng(3)
+    n, k0, d = 16, 4, 6
+    table = {"logps": rng.normal(size=(n, 2 + k0)) * 3, "ref_logps": rng.normal(size=(n, 2 + k0)) * 3,
+             "grads": rng.normal(size=(n, 2 + k0, d))}
+    p = rng.uniform(0.05, 0.95, n)
+    ref = rng.uniform(size=(n, k0, k0))
+    ref = np.triu(ref, 1) + np.tril(1 - ref.transpose(0, 2, 1), -1) + 0.5 * np.eye(k0)
+    exact = stages.label_expected_scores(table, {}, p, ref, beta=0.5)
+    tv = lambda v: ((v - v.mean(0)) ** 2).sum() / (len(v) - 1)  # noqa: E731
+    den, num = [], {"2": [], "4": []}
+    for _ in range(1500):
+        w = rng.random(n) < p
+        obs, aux, summary = scores_from_table(table, 0.5, "sigmoid", np.where(w, p, 1 - p), ref, (2, 4), a_is_chosen=w)
+        den.append(tv(obs.astype(float)))
+        for kk, u in summary["u_blocks"].items():
+            num[kk].append(np.mean([tv(obs - aux + u[:, b]) for b in range(u.shape[1])]))
+    ratios = stages.block_measured_ratios(exact)
+    for kk in ("2", "4"):
+        assert ratios[kk] == pytest.approx(np.mean(num[kk]) / np.mean(den), rel=0.03)
+    assert stages.expected_trace_var(*exact["dpo"]) == pytest.approx(np.mean(den), rel=0.03)
+    # a dataset of one pair per example: the label expectation is larger than no label noise at all
+    assert stages.expected_trace_var(*exact["dpo"]) > tv(exact["dpo"][0])
 
 
 def test_unknown_regime_is_a_one_line_error(capsys):

@@ -129,6 +129,10 @@ def _check_scores(obs: np.ndarray, aux: np.ndarray) -> None:
         raise ValueError(f"observed: {obs.shape[0]} examples; expected at least 2")
 
 
+class ZeroVariance(ValueError):
+    """The base score does not vary: every share would be 0/0."""
+
+
 def decompose(observed, observed_aux, summary: dict, ks: Sequence[int] = (2, 4, 8, 16)) -> dict:
     """``variance_decomposition`` from the per-example scores and a ``reference_pair_summary``."""
     obs = np.asarray(observed, dtype=np.float64)
@@ -139,7 +143,7 @@ def decompose(observed, observed_aux, summary: dict, ks: Sequence[int] = (2, 4, 
                          f"expected {obs.shape[0]} in {obs.shape[1]}")
     total = _trace_var(obs)
     if not total > 0:
-        raise ValueError(f"the base loss gradient does not vary over these {obs.shape[0]} examples (every chosen and "
+        raise ZeroVariance(f"the base loss gradient does not vary over these {obs.shape[0]} examples (every chosen and "
                          "rejected response scores alike?); there is no variance to decompose")
     label = float(((obs - aux) ** 2).sum(-1).mean())
     pair, first = float(summary["zeta_2"].mean()), float(summary["zeta_1"].mean())
@@ -179,11 +183,11 @@ def scores_at_reference(chosen_feat, rejected_feat, aux_prob, ref_feat, ref_aux_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vrpo.cli_args import NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED
+    from vrpo.cli_args import NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, int_at_least, int_list
 
     parser.add_argument("data", help="scored data: DIR/data.parquet written by `vrpo score` (or its folder), "
                         "or a .jsonl file with the same columns")
-    parser.add_argument("--k", default="2,4,8,16", help="comma-separated K to predict for (default 2,4,8,16)")
+    parser.add_argument("--k", type=int_list(2), default=[2, 4, 8, 16], help="comma-separated K to predict for (default 2,4,8,16)")
     parser.add_argument("--proxy", choices=("ngram", "model"), default=None,
                         help="whose gradients: 'model' = the checkpoint's own per-example loss gradients (needs "
                         "--model; the default when --model is given), 'ngram' = a linear reward on hashed n-gram "
@@ -191,7 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "when each is right")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     ngram = parser.add_argument_group("n-gram proxy")
-    ngram.add_argument("--features", type=POSITIVE_INT, default=4096,
+    ngram.add_argument("--features", type=int_at_least(2), default=4096,
                        help="hashed text features of the linear-reward proxy (default 4096)")
     model = parser.add_argument_group("model gradients (--model)")
     model.add_argument("--model", default=None,
@@ -217,10 +221,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
-    from vrpo.errors import UserError
+    from vrpo.errors import UserError, check_writable_folder
 
     path = Path(args.data)
     if path.is_dir():
@@ -228,22 +231,28 @@ def run(args: argparse.Namespace) -> int:
     if not path.exists():
         raise UserError(f"data: {path} does not exist; expected the data.parquet written by `vrpo score`")
     from vrpo.cli_args import int_list
+    from vrpo.provenance import atomic_write_json
 
-    args.k = int_list(2).check(args.k, "--k")
+    args.k = int_list(2).check(args.k, "--k")  # the Python API may pass a string or a list
+    if args.json:  # an unwritable --json fails now, not after the gradients are computed
+        if Path(args.json).is_dir():
+            raise UserError(f"--json {args.json}: is a folder; expected a file name")
+        check_writable_folder(Path(args.json).resolve().parent, "--json")
     proxy = args.proxy or ("model" if args.model else "ngram")
     if proxy == "model" and not args.model:
         raise UserError("--proxy model: needs --model CHECKPOINT (the checkpoint whose gradients to decompose)")
-    if proxy == "ngram":
-        report = diagnose_frame(_read_frame(path), args.k, args.features)
-        source = f"{path}; proxy: hashed n-gram features at margin 0"
-    else:
-        report = diagnose_checkpoint(path, args)
-        source = f"{path}; gradients of {args.model}"
+    try:
+        if proxy == "ngram":
+            report = diagnose_frame(_read_frame(path), args.k, args.features)
+            source = f"{path}; proxy: hashed n-gram features at margin 0"
+        else:
+            report = diagnose_checkpoint(path, args)
+            source = f"{path}; gradients of {args.model}"
+    except ZeroVariance as e:  # name the file: e.g. every chosen == rejected
+        raise UserError(f"data: {path}: {e}") from None
     print(format_report(report, source=source))
     if args.json:
-        tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(args.json)
+        atomic_write_json(args.json, report)
     return 0
 
 
@@ -365,7 +374,8 @@ def format_report(r: dict, source: str = "") -> str:
               "  K      removable share   VRPO/base variance: predicted   measured here"]
     for k, v in r["removable_share"].items():
         meas = r["measured_ratio"].get(k)
-        lines.append(f"  {k:<6} {v:8.1%}           {r['predicted_ratio'][k]:22.2f}" + (f"   {meas:13.2f}" if meas is not None else ""))
+        shown = "" if meas is None else (f"   {meas:13.2f}" if np.isfinite(meas) else f"   {'n/a':>13}")
+        lines.append(f"  {k:<6} {v:8.1%}           {r['predicted_ratio'][k]:22.2f}" + shown)
     if r.get("note"):
         lines.append(f"  note: {r['note']}")
     return "\n".join(lines + [LEGEND])

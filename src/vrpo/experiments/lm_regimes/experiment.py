@@ -157,13 +157,7 @@ class RegimeRun:
             if "fitted" in files:
                 entry["diagnostic_fitted_g"] = stages.decomposition(
                     diag_table, diag_ex, self.read_aux(files["fitted"], s.diagnostic_rows), beta)[0]
-            measured, scores = stages.decomposition(self.table(key, "measure", measure_ex), measure_ex,
-                                                    stages.oracle_aux(self.reviewer, measure_ex), beta)
-            minibatch, datasets = stages.minibatch_ratios(scores, self.preset.batch_size)
-            entry["measurement"] = dict(measured, measured_ratio=stages.block_measured_ratios(scores),
-                                        first_block_ratio=measured["measured_ratio"], minibatch_ratio=minibatch,
-                                        datasets=datasets, batch=self.preset.batch_size,
-                                        ci=stages.bootstrap_ratios(scores, self.preset.n_boot))
+            entry["measurement"] = self.measure(self.table(key, "measure", measure_ex), measure_ex)
             out["by_checkpoint"][key] = entry
         if self.preset.in_sample_check and "dpo" in keys:
             out["in_sample"] = self.in_sample_diagnosis()
@@ -173,6 +167,21 @@ class RegimeRun:
                    measured_ratio=main["measurement"]["measured_ratio"], measured_ci=main["measurement"]["ci"],
                    ngram_proxy=self.ngram(diag_ex, files["oracle"], s.diagnostic_rows))
         return out
+
+    def measure(self, table: dict, ex: dict) -> dict:
+        """Var(VRPO_K) / Var(DPO) over the fresh examples, in expectation over their labels
+        (``stages.label_expected_scores``); the ratio with the one realised label per pair and
+        its first block of reference samples are kept beside it."""
+        beta = self.preset.beta
+        aux = stages.oracle_aux(self.reviewer, ex)
+        measured, realised = stages.decomposition(table, ex, aux, beta)
+        p_ab = np.asarray(self.reviewer.preference(ex["prompt"], ex["a"], ex["b"]))
+        expected = stages.label_expected_scores(table, ex, p_ab, aux[1], beta)
+        minibatch, datasets = stages.minibatch_ratios(expected, self.preset.batch_size)
+        return dict(measured, measured_ratio=stages.block_measured_ratios(expected),
+                    realised_labels_ratio=stages.block_measured_ratios(stages.realised_scores(realised)),
+                    first_block_ratio=measured["measured_ratio"], minibatch_ratio=minibatch, datasets=datasets,
+                    batch=self.preset.batch_size, ci=stages.bootstrap_ratios(expected, self.preset.n_boot))
 
     def in_sample_diagnosis(self) -> dict:
         """The diagnostic on the DPO checkpoint's OWN training pairs (seed 0's first rows): what a

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from vrpo.experiments.imdb.policy import PolicyConfig
 
 KS = (2, 4, 8, 16)  # the K every ratio is reported for
+MAX_PROMPT_TOKENS = 320  # the scheduling system prompt + a patient message: ~300 tokens (sampling and training)
 
 
 @dataclass(frozen=True)

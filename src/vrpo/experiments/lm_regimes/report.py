@@ -40,13 +40,15 @@ def regime_table(results: dict) -> list[str]:
 
 def secondary_table(results: dict) -> list[str]:
     """The same measured truth beside the other predictors: the fitted g and the n-gram proxy."""
-    lines = ["| regime | measured K=8 | predicted, oracle g | predicted, cross-fitted g | n-gram proxy at margin 0 | "
-             f"measured over datasets of {_batch(results)} (K=8) |", "|---|---|---|---|---|---|"]
+    lines = ["| regime | measured K=8 | measured K=8, one realised label per pair | predicted, oracle g | "
+             "predicted, cross-fitted g | n-gram proxy at margin 0 | "
+             f"measured over datasets of {_batch(results)} (K=8) |", "|---|---|---|---|---|---|---|"]
     for name, r in results["regimes"].items():
         entry = r["by_checkpoint"][r["checkpoint"]]
         fitted = entry.get("diagnostic_fitted_g", {}).get("predicted_ratio", {}).get("8")
         mini = entry["measurement"]["minibatch_ratio"].get("8")
-        lines.append(f"| {name} | {_num(r['measured_ratio'].get('8'))} | {r['predicted_ratio']['8']:.2f} | "
+        realised = entry["measurement"].get("realised_labels_ratio", {}).get("8")
+        lines.append(f"| {name} | {_num(r['measured_ratio'].get('8'))} | {_num(realised)} | {r['predicted_ratio']['8']:.2f} | "
                      f"{'–' if fitted is None else f'{fitted:.2f}'} | {r['ngram_proxy']['8']:.2f} | "
                      f"{'–' if mini is None else f'{mini:.2f}'} ({entry['measurement']['datasets']} datasets) |")
     return lines
@@ -94,7 +96,9 @@ def results_markdown(results: dict) -> str:
              "ONE dataset the checkpoint never saw (labelled pairs and their reference samples on held-out prompts, g = p*), before any "
              "VRPO training. "
              "*measured*: Var(VRPO_K gradient) / Var(DPO gradient) over fresh examples (fresh pairs from pi_ref, fresh "
-             "labels from the reviewer, fresh reference samples; g = p*), 95% bootstrap CI over examples. "
+             "labels from the reviewer, fresh reference samples; g = p*), in expectation over each pair's label "
+             "(Bernoulli(p*), computed exactly: one realised label per pair adds a coin flip's noise, shown beside "
+             "it in the second table), 95% bootstrap CI over examples. "
              "4p*(1-p*): mean over fresh pairs; 1 = every label a coin flip, 0 = every label decided by the pair.", ""]
     lines += regime_table(results) + [""] + secondary_table(results) + [""] + in_sample_table(results)
     for name in results.get("training_regimes", []):

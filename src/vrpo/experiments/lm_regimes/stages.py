@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vrpo.experiments.lm_regimes.presets import KS
+from vrpo.experiments.lm_regimes.presets import KS, MAX_PROMPT_TOKENS
 
 
 # --------------------------------------------------------------------------------------
@@ -29,7 +29,8 @@ def draw_samples(world, folder: Path, prompts: list[str], num_samples: int, seed
     prompts_file = Path(folder).with_suffix(".prompts.jsonl")
     atomic_write_text(prompts_file, "".join(json.dumps({"prompt": x}) + "\n" for x in prompts))
     sample_references(str(world.policy_dir), str(prompts_file), str(folder), num_samples=num_samples,
-                      max_new_tokens=world.sizes.max_new_tokens, seed=seed, batch_size=16, shard_size=64)
+                      max_new_tokens=world.sizes.max_new_tokens, seed=seed, batch_size=16, shard_size=64,
+                      max_prompt_length=MAX_PROMPT_TOKENS)
     rows = read_samples(folder)
     if [r["prompt"] for r in rows] != list(prompts):
         raise ValueError(f"{folder}: the samples are not those of this run's prompts; delete the folder to redraw")
@@ -140,14 +141,64 @@ def decomposition(table: dict, ex: dict, aux: tuple, beta: float, base: str = "s
     return decompose(obs, obs_aux, summary, KS), (obs, obs_aux, summary)
 
 
-def block_measured_ratios(scores: tuple) -> dict:
-    """Var(VRPO_K) / Var(DPO) over the examples, the VRPO variance averaged over the disjoint
-    blocks of K reference samples each example holds (K0 // K independent draws of U_K: the
-    same expectation as the first block alone, less noise)."""
-    obs, aux, summary = scores
-    base = _trace_var(obs)
-    return {k: float(np.mean([_trace_var(obs - aux + u[:, b]) for b in range(u.shape[1])])) / base
-            for k, u in summary["u_blocks"].items()}
+def label_expected_scores(table: dict, ex: dict, p_ab, ref_aux_prob, beta: float, base: str = "sigmoid") -> dict:
+    """The measured examples' scores in expectation over their labels (Bernoulli(p*), p* known).
+
+    A fresh dataset draws fresh pairs AND fresh labels; one label per pair adds the noise of a
+    single coin flip to every variance it measures (the realised labels can correlate with the
+    pair scores by chance: a 2-sd draw moved the mixture's ratio at K = 8 from 0.80 to 0.61).
+    Each example's DPO score and VRPO residual psi - psi_aux take the value of "a won" with
+    probability p* and of "b won" otherwise, so per example: mean m = p v_a + (1 - p) v_b and
+    label variance s = p (1 - p) |v_a - v_b|^2; the reference samples' U-statistics do not
+    depend on the label. ``expected_trace_var`` turns (m, s) into E_labels[sample variance]."""
+    p = np.asarray(p_ab, dtype=np.float64)
+    n = len(p)
+    a = _oriented_scores(table, beta, base, p, ref_aux_prob, np.ones(n, dtype=bool))
+    b = _oriented_scores(table, beta, base, 1.0 - p, ref_aux_prob, np.zeros(n, dtype=bool))
+    return {"dpo": _label_moments(a[0], b[0], p), "residual": _label_moments(a[0] - a[1], b[0] - b[1], p),
+            "u_blocks": a[2]["u_blocks"]}
+
+
+def _oriented_scores(table, beta, base, aux_prob, ref_aux_prob, a_is_chosen):
+    """(observed, observed_aux, reference pair summary) with the given response as the chosen one."""
+    from vrpo.loss_gradients import scores_from_table
+
+    obs, aux, summary = scores_from_table(table, beta, base, aux_prob, ref_aux_prob, KS, a_is_chosen=a_is_chosen)
+    return obs.astype(np.float64), aux.astype(np.float64), summary
+
+
+def _label_moments(v_a: np.ndarray, v_b: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(m [n, D], s [n]): mean and trace variance over the label of v_a w.p. p, else v_b."""
+    return p[:, None] * v_a + (1 - p)[:, None] * v_b, p * (1 - p) * ((v_a - v_b) ** 2).sum(1)
+
+
+def realised_scores(scores: tuple) -> dict:
+    """The same structure for the realised labels (no expectation: s = 0)."""
+    obs, aux, summary = (np.asarray(x, dtype=np.float64) if i < 2 else x for i, x in enumerate(scores))
+    zero = np.zeros(obs.shape[0])
+    return {"dpo": (obs, zero), "residual": (obs - aux, zero), "u_blocks": summary["u_blocks"]}
+
+
+def expected_trace_var(m: np.ndarray, s: np.ndarray) -> float:
+    """E[trace of the sample variance] of rows with independent label noise: mean m_i, trace
+    variance s_i. E sum |v_i - vbar|^2 = sum |m_i - mbar|^2 + (1 - 1/n) sum s_i, so over n - 1:
+    tv(m) + mean(s)."""
+    return _trace_var(m) + float(np.mean(s))
+
+
+def _vrpo_rows(scores: dict, u: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    m, s = scores["residual"]
+    return m + u[:, b], s
+
+
+def block_measured_ratios(scores: dict) -> dict:
+    """Var(VRPO_K) / Var(DPO) over the examples (``label_expected_scores`` or
+    ``realised_scores``), the VRPO variance averaged over the disjoint blocks of K reference
+    samples each example holds (K0 // K independent draws of U_K: the same expectation as the
+    first block alone, less noise)."""
+    base = expected_trace_var(*scores["dpo"])
+    return {k: float(np.mean([expected_trace_var(*_vrpo_rows(scores, u, b)) for b in range(u.shape[1])])) / base
+            for k, u in scores["u_blocks"].items()}
 
 
 def _trace_var(v: np.ndarray) -> float:
@@ -155,38 +206,41 @@ def _trace_var(v: np.ndarray) -> float:
     return float(((v - v.mean(0)) ** 2).sum() / max(1, v.shape[0] - 1))
 
 
-def minibatch_ratios(scores: tuple, batch: int) -> dict:
+def minibatch_ratios(scores: dict, batch: int) -> dict:
     """Var over datasets of ``batch`` examples of the minibatch-mean VRPO gradient over DPO's,
-    the datasets being disjoint consecutive blocks of the fresh examples (iid)."""
-    obs, aux, summary = scores
-    n = (obs.shape[0] // batch) * batch
+    the datasets being disjoint consecutive blocks of the fresh examples (iid); a mean of b
+    rows has mean mean(m) and label variance sum(s) / b^2."""
+    m0 = scores["dpo"][0]
+    n = (m0.shape[0] // batch) * batch
     if n // batch < 2:
         return {}, n // batch  # fewer than two datasets: no variance across them
 
-    def var_of_means(v):
-        return _trace_var(np.asarray(v[:n], dtype=np.float64).reshape(-1, batch, v.shape[1]).mean(1))
+    def var_of_means(m, s):
+        return expected_trace_var(np.asarray(m[:n], dtype=np.float64).reshape(-1, batch, m.shape[1]).mean(1),
+                                  np.asarray(s[:n]).reshape(-1, batch).sum(1) / batch ** 2)
 
-    base = var_of_means(obs)
-    return {k: float(np.mean([var_of_means(obs - aux + u[:, b]) for b in range(u.shape[1])])) / base
-            for k, u in summary["u_blocks"].items()}, n // batch
+    base = var_of_means(*scores["dpo"])
+    return {k: float(np.mean([var_of_means(*_vrpo_rows(scores, u, b)) for b in range(u.shape[1])])) / base
+            for k, u in scores["u_blocks"].items()}, n // batch
 
 
-def bootstrap_ratios(scores: tuple, n_boot: int, seed: int = 0) -> dict:
-    """95% percentile intervals of ``block_measured_ratios``, resampling examples.
+def bootstrap_ratios(scores: dict, n_boot: int, seed: int = 0) -> dict:
+    """95% percentile intervals of ``block_measured_ratios``, resampling examples (each copy
+    with its own label when ``scores`` are label expectations).
 
-    With resampling counts w [B, n]: sum_i w_i |v_i - vbar_w|^2 = w . |v|^2 - |w V|^2 / n,
-    one matrix product per array instead of a loop over resamples."""
-    obs, aux, summary = scores
-    n = obs.shape[0]
+    With resampling counts w [B, n]: E sum_i w_i |v_i - vbar_w|^2 = w . (|m|^2 + s) -
+    (|w m|^2 + w . s) / n, one matrix product per array instead of a loop over resamples."""
+    m0 = scores["dpo"][0]
+    n = m0.shape[0]
     w = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
 
-    def trace_sums(v):
-        v = np.asarray(v, dtype=np.float64)
-        return w @ (v ** 2).sum(1) - ((w @ v) ** 2).sum(1) / n
+    def trace_sums(m, s):
+        m = np.asarray(m, dtype=np.float64)
+        return w @ ((m ** 2).sum(1) + s) - (((w @ m) ** 2).sum(1) + w @ s) / n
 
-    base = trace_sums(obs)
+    base = trace_sums(*scores["dpo"])
     out = {}
-    for k, u in summary["u_blocks"].items():
-        ratio = np.mean([trace_sums(obs - aux + u[:, b]) for b in range(u.shape[1])], 0) / base
+    for k, u in scores["u_blocks"].items():
+        ratio = np.mean([trace_sums(*_vrpo_rows(scores, u, b)) for b in range(u.shape[1])], 0) / base
         out[k] = [float(q) for q in np.quantile(ratio, [0.025, 0.975])]
     return out

@@ -25,6 +25,7 @@ METHODS: dict[str, tuple[str, str]] = {  # name -> (vrpo.train method, auxiliary
 
 def train_config(world, preset, method: str, data_file: Path, folder: Path, seed: int):
     """The ``vrpo.train.VRPOConfig`` of one run (the IMDb experiment's settings; LoRA steps for SmolLM2)."""
+    from vrpo.experiments.lm_regimes.presets import MAX_PROMPT_TOKENS
     from vrpo.train import VRPOConfig
 
     s = world.sizes
@@ -35,8 +36,9 @@ def train_config(world, preset, method: str, data_file: Path, folder: Path, seed
         model=str(world.policy_dir), data=str(data_file), out=str(folder / "model"), method=METHODS[method][0],
         base_loss="sigmoid", beta=preset.beta, num_ref_samples=s.train_ref_samples if METHODS[method][0] == "vrpo" else None,
         num_train_epochs=preset.num_train_epochs, seed=seed, warmup_steps=0, logging_steps=50, save_steps=10_000,
-        save_total_limit=1, ref_batch_size=64, max_length=320 + s.max_new_tokens + 1, max_prompt_length=320,
-        cache_dir=str(folder.parent.parent.parent / "cache" / "ref-logps"), resume=True,
+        save_total_limit=1, ref_batch_size=64, max_length=MAX_PROMPT_TOKENS + s.max_new_tokens + 1,
+        max_prompt_length=MAX_PROMPT_TOKENS,
+        cache_dir=str(folder.parent.parent.parent / "cache" / "ref-logps"),
         training_args={"use_cpu": True, "dataloader_num_workers": 0}, **lora)
 
 
