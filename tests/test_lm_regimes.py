@@ -100,6 +100,10 @@ def test_label_expected_ratios_equal_the_average_over_fresh_label_draws():
     for kk in ("2", "4"):
         assert ratios[kk] == pytest.approx(np.mean(num[kk]) / np.mean(den), rel=0.03)
     assert stages.expected_trace_var(*exact["dpo"]) == pytest.approx(np.mean(den), rel=0.03)
+    spread = stages.label_draw_spread(exact, draws=400, seed=1)
+    per_draw = np.asarray(num["4"]) / np.asarray(den)
+    assert spread["4"]["sd"] == pytest.approx(per_draw.std(), rel=0.25)
+    assert spread["4"]["range"][0] < ratios["4"] < spread["4"]["range"][1]
     # a dataset of one pair per example: the label expectation is larger than no label noise at all
     assert stages.expected_trace_var(*exact["dpo"]) > tv(exact["dpo"][0])
 
@@ -132,6 +136,8 @@ def test_micro_lm_regimes_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
         assert set(r["measured_ratio"]) == {"2", "4"}  # micro draws 4 reference samples per measured example
         assert r["predicted_ratio"]["2"] == pytest.approx(1.0)
         assert all(np.isfinite(v) for v in r["measured_ratio"].values())
+        m = r["by_checkpoint"][r["checkpoint"]]["measurement"]
+        assert set(m["realised_labels_ratio"]) == {"2", "4"} and all(v["sd"] >= 0 for v in m["realised_labels_spread"].values())
         assert r["in_sample"]["n"] == micro.imdb.diagnostic_rows  # the pitfall: the checkpoint's own pairs
     assert res["training_regimes"] and set(res["training_regimes"]) <= set(micro.regimes)
     t = res["regimes"][res["training_regimes"][0]]["training"]

@@ -180,6 +180,7 @@ class RegimeRun:
         minibatch, datasets = stages.minibatch_ratios(expected, self.preset.batch_size)
         return dict(measured, measured_ratio=stages.block_measured_ratios(expected),
                     realised_labels_ratio=stages.block_measured_ratios(stages.realised_scores(realised)),
+                    realised_labels_spread=stages.label_draw_spread(expected, seed=MEASURE_SEED),
                     first_block_ratio=measured["measured_ratio"], minibatch_ratio=minibatch, datasets=datasets,
                     batch=self.preset.batch_size, ci=stages.bootstrap_ratios(expected, self.preset.n_boot))
 

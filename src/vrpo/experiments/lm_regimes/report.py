@@ -48,7 +48,10 @@ def secondary_table(results: dict) -> list[str]:
         fitted = entry.get("diagnostic_fitted_g", {}).get("predicted_ratio", {}).get("8")
         mini = entry["measurement"]["minibatch_ratio"].get("8")
         realised = entry["measurement"].get("realised_labels_ratio", {}).get("8")
-        lines.append(f"| {name} | {_num(r['measured_ratio'].get('8'))} | {_num(realised)} | {r['predicted_ratio']['8']:.2f} | "
+        spread = entry["measurement"].get("realised_labels_spread", {}).get("8")
+        realised = None if realised is None else (f"{realised:.2f}" + (
+            "" if spread is None else f" (any one draw: sd {spread['sd']:.2f}, 95% {spread['range'][0]:.2f}-{spread['range'][1]:.2f})"))
+        lines.append(f"| {name} | {_num(r['measured_ratio'].get('8'))} | {realised or '–'} | {r['predicted_ratio']['8']:.2f} | "
                      f"{'–' if fitted is None else f'{fitted:.2f}'} | {r['ngram_proxy']['8']:.2f} | "
                      f"{'–' if mini is None else f'{mini:.2f}'} ({entry['measurement']['datasets']} datasets) |")
     return lines

@@ -155,8 +155,27 @@ def label_expected_scores(table: dict, ex: dict, p_ab, ref_aux_prob, beta: float
     n = len(p)
     a = _oriented_scores(table, beta, base, p, ref_aux_prob, np.ones(n, dtype=bool))
     b = _oriented_scores(table, beta, base, 1.0 - p, ref_aux_prob, np.zeros(n, dtype=bool))
-    return {"dpo": _label_moments(a[0], b[0], p), "residual": _label_moments(a[0] - a[1], b[0] - b[1], p),
-            "u_blocks": a[2]["u_blocks"]}
+    outcomes = {"dpo": (a[0], b[0]), "residual": (a[0] - a[1], b[0] - b[1])}
+    return {name: _label_moments(*v, p) for name, v in outcomes.items()} | {
+        "u_blocks": a[2]["u_blocks"], "outcomes": outcomes, "p": p}
+
+
+def label_draw_spread(expected: dict, draws: int = 200, seed: int = 0) -> dict:
+    """How far ONE realised label per pair moves the measured ratio: the block ratio of
+    ``draws`` independent label draws (Bernoulli(p*)) on the same pairs and reference samples,
+    per K: its standard deviation and 95% range."""
+    rng = np.random.default_rng(seed)
+    p, (dpo_a, dpo_b), (res_a, res_b) = expected["p"], expected["outcomes"]["dpo"], expected["outcomes"]["residual"]
+    ratios: dict = {k: [] for k in expected["u_blocks"]}
+    zero = np.zeros(len(p))
+    for _ in range(draws):
+        w = (rng.random(len(p)) < p)[:, None]
+        drawn = {"dpo": (np.where(w, dpo_a, dpo_b), zero), "residual": (np.where(w, res_a, res_b), zero),
+                 "u_blocks": expected["u_blocks"]}
+        for k, r in block_measured_ratios(drawn).items():
+            ratios[k].append(r)
+    return {k: {"sd": float(np.std(v)), "range": [float(q) for q in np.quantile(v, [0.025, 0.975])]}
+            for k, v in ratios.items()}
 
 
 def _oriented_scores(table, beta, base, aux_prob, ref_aux_prob, a_is_chosen):
