@@ -22,19 +22,28 @@ class Experiment:
         self.regimes = get_regimes(preset.regimes)
 
     def run(self) -> dict:
-        results: dict = {"preset": self.preset.name, "regimes": {}}
-        worlds = {}
-        for world_name in dict.fromkeys(r.world for r in self.regimes):
-            worlds[world_name] = world = WORLDS[world_name](self.preset, self.out / world_name, self.progress,
-                                                            self.scheduling_model)
+        """IMDb first: its regimes are measured, then the training comparison runs in the chosen
+        ones, before the (slow) SmolLM2 world; ``results.partial.json`` holds what is done so
+        far after every stage (the finished stages are reused by a rerun)."""
+        results: dict = {"preset": self.preset.name, "regimes": {}, "training_regimes": []}
+        names = sorted(dict.fromkeys(r.world for r in self.regimes), key=lambda w: w != "imdb")
+        for world_name in names:
+            world = WORLDS[world_name](self.preset, self.out / world_name, self.progress, self.scheduling_model)
             for regime in (r for r in self.regimes if r.world == world_name):
                 results["regimes"][regime.name] = RegimeRun(self, world, regime).predict_and_measure()
-        chosen = self.training_regimes(results["regimes"])
-        results["training_regimes"] = chosen
-        for name in chosen:
-            regime = next(r for r in self.regimes if r.name == name)
-            results["regimes"][name]["training"] = RegimeRun(self, worlds[regime.world], regime).train_and_compare()
+                self.save_partial(results)
+            if world_name == "imdb":
+                results["training_regimes"] = self.training_regimes(results["regimes"])
+                for name in results["training_regimes"]:
+                    regime = next(r for r in self.regimes if r.name == name)
+                    results["regimes"][name]["training"] = RegimeRun(self, world, regime).train_and_compare()
+                    self.save_partial(results)
         return results
+
+    def save_partial(self, results: dict) -> None:
+        from vrpo.provenance import atomic_write_json
+
+        atomic_write_json(self.out / "results.partial.json", results)
 
     def training_regimes(self, by_regime: dict) -> list[str]:
         """The IMDb regimes with the largest and the smallest predicted gain at K = 8 (training
