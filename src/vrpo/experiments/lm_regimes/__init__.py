@@ -26,7 +26,7 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vrpo.cli_args import POSITIVE_INT, add_overwrite_flag
 
-    parser.add_argument("--preset", default="quick", help="quick (10 minutes on 2 CPU cores, the IMDb regimes), full "
+    parser.add_argument("--preset", default="quick", help="quick (about 9 CPU minutes, one thread; the IMDb regimes), full "
                         "(the measurement, with the scheduling panel on SmolLM2; hours) or micro (the tests' smoke run)")
     parser.add_argument("--out", default=None, help="output folder (default runs/lm-regimes-PRESET); rerun to resume")
     parser.add_argument("--regimes", default=None, help="comma-separated regimes (default: the preset's); "

@@ -1,6 +1,6 @@
 """Presets of ``vrpo reproduce lm-regimes``: every size in one place, with its reason.
 
-``quick`` (10 minutes on 2 CPU cores, the IMDb regimes only; numbers of the same kind as
+``quick`` (about 9 CPU minutes with one thread, the IMDb regimes only; numbers of the same kind as
 ``full`` with wider intervals), ``full`` (the measurement: more examples, 5 seeds, the
 scheduling panel on SmolLM2; about an hour or more, see docs/lm_regimes.md), ``micro`` (the
 tests' end-to-end smoke run: seconds, numbers meaningless).
@@ -67,7 +67,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # quick: 10 CPU minutes with one thread (measured, docs/lm_regimes.md): every prompt of the pool
+    # quick: 533 CPU seconds with one thread (measured, docs/lm_regimes.md): every prompt of the pool
     # labelled, a smaller diagnostic and measurement, training only where the predicted gain is largest
     "quick": Preset(
         "quick", imdb=WorldSizes(num_pool_prompts=256, diagnostic_rows=128, measure_prompts=96, measure_repeats=1,
