@@ -128,15 +128,51 @@ def test_diagnose_command_on_scored_parquet(tmp_path, capsys):
     (2, [], "at least 4"),
     (5, ["--k", "1,4"], "--k"),
     (5, ["--k", "two"], "--k"),
+    (5, ["--k", ""], "--k"),
+    (5, ["--features", "1"], "--features"),
+    (5, ["--features", "many"], "--features"),
 ])
 def test_diagnose_bad_input_is_one_line_error(tmp_path, capsys, k, argv, needle):
     from vrpo.cli import main
 
     path = tmp_path / "data.parquet"
     _scored_frame(k).to_parquet(path)
-    assert main(["diagnose", str(path), *argv]) == 2
+    try:
+        code = main(["diagnose", str(path), *argv])
+    except SystemExit as e:  # a flag's type is checked by the parser, which exits
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err
+
+
+def test_diagnose_k_is_parsed_typed_and_json_is_written_atomically(tmp_path, capsys, monkeypatch):
+    """--k reaches the decomposition as a list of ints; --json goes through the atomic write (no
+    stray temporary file, a failed write leaves the old file whole); an unwritable --json is
+    refused before any work."""
+    from vrpo import provenance
+    from vrpo.cli import main
+
+    _scored_frame(5).to_parquet(tmp_path / "data.parquet")
+    out = tmp_path / "sub" / "d.json"
+    assert main(["diagnose", str(tmp_path), "--k", "3, 2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["predicted_ratio"]) == {"3", "2", "limit"} and set(r["measured_ratio"]) == {"2", "3"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["d.json"]
+    out.write_text("old")
+
+    def crash(src, dst):  # the process dies between writing the temporary file and renaming it
+        raise OSError(28, "No space left on device", str(dst))
+
+    monkeypatch.setattr(provenance.os, "replace", crash)
+    assert main(["diagnose", str(tmp_path), "--k", "2", "--json", str(out)]) == 2
+    assert out.read_text() == "old" and sorted(p.name for p in out.parent.iterdir()) == ["d.json"]
+    monkeypatch.undo()
+    capsys.readouterr()
+    (tmp_path / "folder.json").mkdir()
+    assert main(["diagnose", str(tmp_path), "--json", str(tmp_path / "folder.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--json" in err
 
 
 def test_diagnose_missing_file_and_column(tmp_path, capsys):
@@ -165,6 +201,271 @@ def test_diagnose_reads_jsonl_like_parquet(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path / "bad.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bad.jsonl" in err
+
+
+# ----------------------------------------------------------------------------- --model: the checkpoint's own gradients
+def _perturbed_copy(src, dst, scale=0.05, seed=1):
+    """A copy of the tiny model with perturbed weights: a 'trained' policy whose margins against
+    the original (pi_ref) are not zero."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, dst)
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(dst, safe_serialization=True)
+    return dst
+
+
+def _direct_gradients(policy, ref, tokenizer, row, k, beta):
+    """Per-example gradients of the ACTUAL losses by autograd, independently of
+    vrpo.loss_gradients: padded batches (sequence_batch + attention mask), log-probs by
+    vrpo.losses.sequence_logps, the DPO loss (preference_loss) and the VRPO loss (vrpo_loss)."""
+    import torch
+
+    from vrpo import losses
+    from vrpo.data import sequence_batch, tokenize_completions
+
+    def logps(model, prompt, completions):
+        p, ids = tokenize_completions(tokenizer, prompt, completions)
+        b = sequence_batch([p] * len(ids), ids, tokenizer.pad_token_id)
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return losses.sequence_logps(out, b["input_ids"], b["completion_mask"])
+
+    pair, refs = [row["chosen"], row["rejected"]], list(row["ref_samples"][:k])
+    with torch.no_grad():
+        ref_pair, ref_samples = logps(ref, row["prompt"], pair), logps(ref, row["prompt"], refs)
+    pol_pair, pol_samples = logps(policy, row["prompt"], pair), logps(policy, row["prompt"], refs)
+    r_pair = losses.implicit_rewards(pol_pair, ref_pair, beta)
+    r_samples = losses.implicit_rewards(pol_samples, ref_samples, beta)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    flat = lambda gs: torch.cat([g.reshape(-1) for g in gs]).numpy()  # noqa: E731
+    dpo = losses.preference_loss(r_pair[:1], r_pair[1:])[0]
+    g_dpo = flat(torch.autograd.grad(dpo, params, retain_graph=True))
+    g_ref = torch.tensor(row["ref_aux_prob"], dtype=torch.float32)[:k, :k]
+    vrpo = losses.vrpo_loss(r_pair[:1], r_pair[1:], torch.tensor([row["aux_prob"]]), r_samples[None], g_ref[None])[0]
+    return g_dpo, flat(torch.autograd.grad(vrpo, params))
+
+
+def test_exact_gradients_equal_autograd_of_the_dpo_and_vrpo_losses(tmp_path):
+    """With no projection, psi equals autograd's per-example DPO gradient, psi - m_g + U_K the
+    VRPO gradient with K samples, to float32 precision; and the decomposition's measured ratio
+    is the ratio of the direct per-example gradients' variances."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from pipeline_helpers import tiny_model_dir, write_scored
+
+    from vrpo.data import load_preferences
+    from vrpo.diagnostics import decompose
+    from vrpo.loss_gradients import CountSketch, load_checkpoint, scores_from_table, sequence_table, trainable_parameters
+
+    ref_dir = tiny_model_dir()
+    policy_dir = _perturbed_copy(ref_dir, tmp_path / "policy")
+    rows = load_preferences(write_scored(tmp_path / "scored.jsonl", n=6, k=4)).to_list()
+    beta, k = 0.5, 4
+    ckpt = load_checkpoint(str(policy_dir), ref_model=str(ref_dir), beta=beta)
+    sketch = CountSketch([p.numel() for p in trainable_parameters(ckpt.model)], None)
+    table = sequence_table(ckpt, [r["prompt"] for r in rows], [[r["chosen"], r["rejected"], *r["ref_samples"]] for r in rows],
+                           sketch, progress=False)
+    assert np.abs(table["logps"] - table["ref_logps"]).max() > 1e-3  # margins are not all zero
+    obs, aux, summary = scores_from_table(table, beta, "sigmoid", [r["aux_prob"] for r in rows],
+                                          [r["ref_aux_prob"] for r in rows], (2, 4))
+    direct = [_direct_gradients(ckpt.model, __import__("vrpo.sampling", fromlist=["x"]).load_model_and_tokenizer(str(ref_dir))[0],
+                                ckpt.tokenizer, r, k, beta) for r in rows]
+    g_dpo, g_vrpo = np.stack([d[0] for d in direct]), np.stack([d[1] for d in direct])
+    scale = np.abs(g_dpo).max()
+    assert np.abs(obs - g_dpo).max() <= 1e-5 * scale
+    assert np.abs(obs - aux + summary["u"]["4"] - g_vrpo).max() <= 1e-5 * scale
+    report = decompose(obs, aux, summary, (2, 4))
+    tv = lambda v: ((v - v.mean(0)) ** 2).sum()  # noqa: E731
+    assert report["measured_ratio"]["4"] == pytest.approx(tv(g_vrpo) / tv(g_dpo), rel=1e-4)
+
+
+def test_count_sketch_keeps_inner_products_in_expectation():
+    """E_S <S u, S v> = <u, v> over random sketches (Monte Carlo, 4 standard errors), and the
+    exact map (dim None) is the concatenation."""
+    import torch
+
+    from vrpo.loss_gradients import CountSketch
+
+    rng = np.random.default_rng(0)
+    sizes = [50, 30, 20]
+    u = [torch.tensor(rng.normal(size=s), dtype=torch.float32) for s in sizes]
+    v = [torch.tensor(rng.normal(size=s) + 0.5 * x.numpy(), dtype=torch.float32) for s, x in zip(sizes, u)]
+    exact = float(torch.cat(u) @ torch.cat(v))
+    draws = np.array([float(CountSketch(sizes, 8, seed=s).project(u) @ CountSketch(sizes, 8, seed=s).project(v))
+                      for s in range(2000)])
+    assert abs(draws.mean() - exact) < 4 * draws.std() / np.sqrt(len(draws))
+    ident = CountSketch(sizes, None)
+    assert torch.equal(ident.project(u), torch.cat(u)) and ident.dim == 100
+    a, b = CountSketch(sizes, 8, seed=3).project(u), CountSketch(sizes, 8, seed=3).project(u)
+    assert torch.equal(a, b)  # the seed fixes the map
+
+
+def test_table_order_follows_the_label():
+    """scores_from_table with a_is_chosen False equals the same table with the pair swapped."""
+    from vrpo.loss_gradients import scores_from_table
+
+    rng = np.random.default_rng(4)
+    n, m, d = 5, 6, 7
+    table = {"logps": rng.normal(size=(n, m)), "ref_logps": rng.normal(size=(n, m)), "grads": rng.normal(size=(n, m, d))}
+    swapped = {key: v[:, [1, 0, 2, 3, 4, 5]] for key, v in table.items()}
+    g, G = rng.uniform(size=n), rng.uniform(size=(n, 4, 4))
+    first = np.array([True, False, True, False, False])
+    a = scores_from_table(table, 0.3, "sigmoid", g, G, (2, 4), a_is_chosen=first)
+    b = scores_from_table({k: np.where(first.reshape(-1, *[1] * (v.ndim - 1)), table[k], swapped[k]) for k, v in table.items()},
+                          0.3, "sigmoid", g, G, (2, 4))
+    for x, y in zip(a[:2], b[:2]):
+        assert np.allclose(x, y)
+    assert np.allclose(a[2]["u"]["4"], b[2]["u"]["4"])
+
+
+def _tiny_run(tmp_path, data, lora_r):
+    """A 2-step `vrpo train --method dpo` run of the tiny model (a LoRA one when lora_r > 0)."""
+    from vrpo.train import VRPOConfig, train
+
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from pipeline_helpers import tiny_model_dir
+
+    out = tmp_path / f"run-lora{lora_r}"
+    train(VRPOConfig(model=str(tiny_model_dir()), data=str(data), out=str(out), method="dpo", max_steps=2,
+                     per_device_train_batch_size=2, learning_rate=1e-2, beta=0.2, lora_r=lora_r, save_steps=1000,
+                     logging_steps=1, training_args={"use_cpu": True, "dataloader_num_workers": 0}))
+    return out
+
+
+def test_diagnose_model_reads_a_lora_run_folder(tmp_path, capsys):
+    """`vrpo diagnose DATA --model RUN`: the LoRA adapter's parameters, the run's beta and pi_ref;
+    the printed table explains predicted vs measured; no NaN anywhere."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from pipeline_helpers import tiny_model_dir, write_scored
+
+    from vrpo.cli import main
+
+    data = write_scored(tmp_path / "scored.jsonl", n=8, k=4)
+    run = _tiny_run(tmp_path, data, lora_r=4)
+    out = tmp_path / "d.json"
+    assert main(["diagnose", str(data), "--model", str(run), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "LoRA adapter of the run" in text and "beta 0.2" in text and "measured here" in text
+    assert "nan" not in text.lower()
+    r = json.loads(out.read_text())
+    assert r["gradients"]["reference_model"] == str(tiny_model_dir())
+    assert 0 < r["gradients"]["trainable_parameters"] < 20_000  # the adapter, not the 43k-parameter model
+    assert r["removable_share"]["2"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_diagnose_model_renders_conversational_rows_with_the_chat_template(tmp_path, capsys):
+    """Message-list rows are rendered with the checkpoint tokenizer's chat template, and give the
+    numbers of the same rows pre-rendered as text."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from pipeline_helpers import tiny_model_dir, write_scored
+    from transformers import AutoTokenizer
+
+    from vrpo.cli import main
+
+    model = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir(), model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tok.save_pretrained(model)
+    rows = [json.loads(line) for line in write_scored(tmp_path / "plain.jsonl", n=6, k=4).read_text().splitlines()]
+    chat, text = [], []
+    for r in rows:
+        msgs = [{"role": "user", "content": r["prompt"]}]
+        chat.append(dict(r, prompt=msgs, chosen=[{"role": "assistant", "content": r["chosen"]}],
+                         rejected=[{"role": "assistant", "content": r["rejected"]}]))
+        rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        full = lambda c: tok.apply_chat_template(msgs + [{"role": "assistant", "content": c}], tokenize=False)  # noqa: E731
+        text.append(dict(r, prompt=rendered, chosen=full(r["chosen"])[len(rendered):], rejected=full(r["rejected"])[len(rendered):]))
+    for name, rs in (("chat", chat), ("text", text)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+        assert main(["diagnose", str(tmp_path / f"{name}.jsonl"), "--model", str(model), "--proj-dim", "0",
+                     "--json", str(tmp_path / f"{name}.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("chat", "text"))
+    assert a["predicted_ratio"] == pytest.approx(b["predicted_ratio"])
+    assert a["total"] == pytest.approx(b["total"])
+
+
+def test_diagnose_model_degenerate_data_is_a_one_line_error(tmp_path, capsys):
+    """Every response the same: the base gradient does not vary; one line, no NaN printed."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from pipeline_helpers import tiny_model_dir
+
+    from vrpo.cli import main
+
+    rows = [{"prompt": f"p{i}", "chosen": " same", "rejected": " same", "aux_prob": 0.5, "ref_samples": [" same"] * 4,
+             "ref_aux_prob": [[0.5] * 4] * 4} for i in range(5)]
+    (tmp_path / "flat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["diagnose", str(tmp_path / "flat.jsonl"), "--model", str(tiny_model_dir())]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars: the one error line
+    assert err.startswith("vrpo diagnose: error:") and "does not vary" in err and "nan" not in err.lower()
+    assert main(["diagnose", str(tmp_path / "flat.jsonl"), "--proxy", "model"]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_batched_per_sequence_gradients_equal_one_pass_per_sequence():
+    """One backward pass over a right-padded batch (the layer rules of PerSequenceGradients, with
+    GPT-2's tied embedding and output layer) gives each sequence's own gradient: the same as one
+    forward and backward pass per sequence, for sequences of different lengths."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from pipeline_helpers import tiny_model_dir
+
+    from vrpo.loss_gradients import PerSequenceGradients, _OneAtATime, trainable_parameters
+    from vrpo.sampling import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir()))
+    model.eval()
+    params = trainable_parameters(model)
+    engine = PerSequenceGradients.for_model(model, params)
+    assert engine is not None  # every GPT-2 parameter has a rule
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 400, (n,), generator=gen).tolist() for n in (3, 7, 5)]
+    completions = [torch.randint(1, 400, (n,), generator=gen).tolist() for n in (9, 2, 6)]
+    lp_a, g_a = engine(prompts, completions)
+    lp_b, g_b = _OneAtATime(model, params)(prompts, completions)
+    assert np.allclose(lp_a, lp_b, atol=1e-5)
+    for a, b in zip(g_a, g_b):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    # a trainable parameter in a module without a rule: the engine declines (one pass per sequence)
+    model.transformer.h[0].attn.register_parameter("extra", torch.nn.Parameter(torch.zeros(2)))
+    assert PerSequenceGradients.for_model(model, trainable_parameters(model)) is None
+
+
+def test_reference_pair_summary_blocks_are_the_disjoint_u_statistics():
+    """u_blocks[K][:, b] = mean of m_jk over pairs j < k inside samples bK..bK+K-1 (loops)."""
+    from vrpo.diagnostics import reference_pair_summary
+
+    rng = np.random.default_rng(5)
+    m = _symmetric_pairs(rng, 3, 6, 2)
+    s = reference_pair_summary(m, (2, 3, 4))
+    assert s["u_blocks"]["2"].shape == (3, 3, 2) and s["u_blocks"]["4"].shape == (3, 1, 2)
+    for k in (2, 3):
+        for b in range(6 // k):
+            idx = range(b * k, (b + 1) * k)
+            want = np.mean([m[:, j, l] for j in idx for l in idx if j < l], 0)
+            assert np.allclose(s["u_blocks"][str(k)][:, b], want, atol=1e-6)
+    assert np.allclose(s["u_blocks"]["4"][:, 0], s["u"]["4"], atol=1e-6)
 
 
 def test_diagnose_on_degenerate_data_says_why_instead_of_printing_nan(tmp_path, capsys):

@@ -9,6 +9,7 @@ import importlib
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "bandit": ("vrpo.simulate.reproduce", "the statistical testbed: simulated preferences with known truth"),
     "imdb": ("vrpo.experiments.imdb", "IMDb sentiment generation on CPU: tiny GPT, gold reward, simulated reviewers"),
+    "lm-regimes": ("vrpo.experiments.lm_regimes", "where VRPO helps on a language model: the diagnostic's prediction vs the measured gradient variance, per reviewer regime, and DPO vs VRPO training"),
     "scheduling": ("vrpo.experiments.scheduling.workflow", "clinic scheduling assistant on SmolLM2: slices, reviewer panel, DPO vs VRPO, deployment gate"),
 }
 

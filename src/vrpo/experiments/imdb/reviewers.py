@@ -110,3 +110,104 @@ class WordCountJudge(AuxModel):
 
     def _predict_raw(self, prompts, responses_a, responses_b):
         return wordy(0, 0, word_count(responses_a), word_count(responses_b))
+
+
+# --------------------------------------------------------------------------------------
+# Reviewers of the LM-regimes experiment (docs/lm_regimes.md): sharp, nearly deterministic
+# preferences over response features the reviewers see clearly, so that the pair a reviewer
+# happened to see, not the coin flip of the label, drives the gradient's variance. The
+# mixture above is left unchanged (the IMDb tables use it).
+# --------------------------------------------------------------------------------------
+_PUNCTUATION = set(".,!?;:")
+
+
+def punctuation_count(texts: Sequence[str]) -> np.ndarray:
+    return np.array([sum(c in _PUNCTUATION for c in t) for t in texts], dtype=np.float64)
+
+
+def char_count(texts: Sequence[str]) -> np.ndarray:
+    return np.array([len(t.strip()) for t in texts], dtype=np.float64)
+
+
+class FeatureReviewer:
+    """A reviewer whose p*(x, a, b) is a function of features of prompt + response:
+    ``s`` = gold P(positive) of prompt + response, ``chars`` = the response's length in
+    characters, ``punct`` = its punctuation marks. Subclasses define ``prob(fa, fb)``
+    (antisymmetric) and may define ``utility(f)`` (the truth a policy is judged by)."""
+
+    def __init__(self, gold):
+        self.gold = gold
+
+    def features(self, prompts, responses) -> dict[str, np.ndarray]:
+        return {"s": self.gold.score([p + r for p, r in zip(prompts, responses)]), "chars": char_count(responses),
+                "punct": punctuation_count(responses)}
+
+    def prob(self, fa: dict, fb: dict) -> np.ndarray:
+        raise NotImplementedError
+
+    def utility(self, f: dict) -> np.ndarray | None:
+        return None
+
+    def preference(self, prompts, responses_a, responses_b) -> np.ndarray:
+        """p*(x, a, b), float64 [N]."""
+        return self.prob(self.features(prompts, responses_a), self.features(prompts, responses_b))
+
+    def label(self, prompts, responses_a, responses_b, rng: np.random.Generator) -> np.ndarray:
+        """One verdict per pair: 1 if a wins, a Bernoulli(p*) draw."""
+        return (rng.random(len(prompts)) < self.preference(prompts, responses_a, responses_b)).astype(np.int64)
+
+
+class SharpSentimentReviewer(FeatureReviewer):
+    """One sharp reviewer, Bradley-Terry in the gold score: P = sigmoid(steepness (s_a - s_b)).
+    At steepness 40 a typical difference between two continuations of one prompt (0.1-0.2)
+    is decided with probability 0.98-0.999: the label is nearly a function of the pair."""
+
+    def __init__(self, gold, steepness: float = 40.0):
+        super().__init__(gold)
+        self.steepness = steepness
+
+    def prob(self, fa, fb):
+        return _sigmoid(self.steepness * (fa["s"] - fb["s"]))
+
+
+class TargetSentimentReviewer(FeatureReviewer):
+    """A nonlinear utility: prefers sentiment near ``target``, not the most positive,
+    u = -|s - target|, P = sigmoid(steepness (u_a - u_b)). Bradley-Terry in u, but u is
+    not monotone in the gold score."""
+
+    def __init__(self, gold, target: float = 0.7, steepness: float = 40.0):
+        super().__init__(gold)
+        self.target, self.steepness = target, steepness
+
+    def prob(self, fa, fb):
+        return _sigmoid(self.steepness * (self.utility(fa) - self.utility(fb)))
+
+    def utility(self, f):
+        return -np.abs(f["s"] - self.target)
+
+
+class MajorityPanel(FeatureReviewer):
+    """An intransitive panel: three sharp judges, each looking at one feature (sentiment,
+    length in characters, punctuation), vote; the label is their majority. With judge
+    probabilities p1, p2, p3 (each sigmoid(k_f (f_a - f_b)), k_f set so that a typical
+    difference within a prompt is decided with probability ~0.98),
+
+        p*(a > b) = p1 p2 + p1 p3 + p2 p3 - 2 p1 p2 p3,
+
+    the probability that at least two of three independent judges prefer a (antisymmetric:
+    the majority of complements is the complement). Majority over features is a Condorcet
+    cycle: a = (high s, mid length, low punct), b = (mid, low, high), c = (low, high, mid)
+    gives a > b > c > a (tests/test_lm_regimes.py), so no reward r fits it."""
+
+    STEEPNESS = {"s": 30.0, "chars": 0.3, "punct": 3.0}
+
+    def __init__(self, gold, steepness: dict | None = None):
+        super().__init__(gold)
+        self.steepness = dict(steepness or self.STEEPNESS)
+
+    def judges(self, fa, fb) -> list[np.ndarray]:
+        return [_sigmoid(k * (np.asarray(fa[f]) - np.asarray(fb[f]))) for f, k in self.steepness.items()]
+
+    def prob(self, fa, fb):
+        p1, p2, p3 = self.judges(fa, fb)
+        return p1 * p2 + p1 * p3 + p2 * p3 - 2 * p1 * p2 * p3

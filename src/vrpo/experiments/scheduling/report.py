@@ -60,6 +60,22 @@ def gate_lines(results: dict) -> list[str]:
     return lines
 
 
+def movement_lines(results: dict) -> list[str]:
+    """How far training moved the deployed answers, and what the diagnostic predicted."""
+    lines = []
+    if results.get("greedy_changed"):
+        lines.append("Greedy answers changed from pi_ref's (share of held-out prompts): " + ", ".join(
+            f"{m} {v:.2f}" for m, v in results["greedy_changed"].items()) + ".")
+    d = results.get("diagnosis")
+    if d:
+        lines.append(f"`vrpo diagnose diagnose/held-out.jsonl --model diagnose/dpo-half` (a DPO run on half the labelled "
+                     f"prompts, diagnosed on {d['n']} rows of the other half, K0 = {d['reference_samples']}, "
+                     f"g = p*): label noise {d['label_noise_share']:.0%}, pair {d['pair_share']:.0%}, between prompts "
+                     f"{d['between_share']:.0%}; predicted Var(VRPO)/Var(DPO) " + ", ".join(
+                         f"K={k} {v:.2f}" for k, v in d["predicted_ratio"].items() if k != "limit") + ".")
+    return lines + ([""] if lines else [])
+
+
 def markdown(results: dict) -> str:
     s = results["settings"]
     a = results["audit"]
@@ -71,6 +87,7 @@ def markdown(results: dict) -> str:
         f"{results['eval_prompts']} held-out prompts answered greedily; seed {results['seed']}; "
         f"{results.get('seconds', 0):.0f} s.", "",
         "Command: `vrpo reproduce scheduling --preset " + s["preset"] + "`", "",
+        *movement_lines(results),
         f"## Deployment gate (max regression {results['max_regression']:g} per slice)", "", *gate_lines(results), "",
         "## Win rate under the panel's p* (mean over prompts of p*(x, y_policy, y_other), 95% bootstrap CI)", "",
         *win_table(results), "",

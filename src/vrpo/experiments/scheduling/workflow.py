@@ -23,6 +23,12 @@ from pathlib import Path
 
 # Preset sizes. quick: runs on 2 CPU cores in minutes, to show the workflow, not to measure
 # it (a few pairs, two LoRA steps). full: 80 labelled prompts per slice, a LoRA epoch.
+# long: a run where the policies move. Two LoRA steps at 5e-4 leave every greedy answer of
+# SmolLM2 as it was (the quick preset); 24 steps of batch 2 at 1e-3 (half an epoch of 96
+# labelled prompts, LoRA r = 8) move the adapter far enough to change greedy answers, which
+# results.md reports as "greedy answers changed"; it also runs `vrpo diagnose --model` at a DPO
+# run on half the prompts, on the other half's rows, so the prediction sits beside the result.
+# Hours on a shared 2-core CPU (docs/scheduling.md).
 PRESETS: dict[str, dict] = {
     "quick": {"train_per_slice": 2, "eval_per_slice": 1, "num_ref_samples": 2, "max_new_tokens": 16,
               "max_steps": 2, "batch_size": 2, "learning_rate": 5e-4, "lora_r": 8, "folds": 2,
@@ -30,6 +36,9 @@ PRESETS: dict[str, dict] = {
     "full": {"train_per_slice": 80, "eval_per_slice": 20, "num_ref_samples": 4, "max_new_tokens": 64,
              "max_steps": 120, "batch_size": 4, "learning_rate": 2e-4, "lora_r": 16, "folds": 5,
              "aux_epochs": None, "methods": ["dpo", "vrpo", "vrpo_oracle"]},
+    "long": {"train_per_slice": 16, "eval_per_slice": 8, "num_ref_samples": 4, "max_new_tokens": 48,
+             "max_steps": 24, "batch_size": 2, "learning_rate": 1e-3, "lora_r": 8, "folds": 4,
+             "aux_epochs": None, "methods": ["dpo", "vrpo", "vrpo_oracle"], "diagnose_rows": 24},
 }
 # method name in results -> (vrpo train --method, auxiliary spec for `vrpo score`, or None)
 METHODS: dict[str, tuple[str, str | None]] = {
@@ -153,10 +162,11 @@ class Workflow:
             self.run("audit", "--data", self.path("labelled", "pairs.jsonl"), "--aux", self.path("aux"), "--out", self.path("audit"))
         for name in self.s["methods"]:
             self.train(name)
+        diagnosis = self.diagnose()
         policies = {REFERENCE: self.model, **{m: self.path("train", m) for m in self.s["methods"]}}
         responses = {name: self.respond(name, folder, eval_rows) for name, folder in policies.items()}
         gates = {m: self.gate(m) for m in self.s["methods"]}
-        return self.evaluate(eval_rows, responses, gates)
+        return dict(self.evaluate(eval_rows, responses, gates), diagnosis=diagnosis)
 
     def check_resume(self) -> None:
         """Finished steps are skipped on a rerun: only safe when the inputs are the same
@@ -219,6 +229,41 @@ class Workflow:
              "--per-device-train-batch-size", str(self.s["batch_size"]), "--learning-rate", str(self.s["learning_rate"]),
              "--lora-r", str(self.s["lora_r"]), "--seed", str(self.seed), "--save-steps", "1000000")
 
+    def diagnose(self) -> dict | None:
+        """`vrpo diagnose --model` near the DPO target, on rows that checkpoint never trained on:
+        a DPO run (same settings, half the steps) on half the labelled prompts, diagnosed on the
+        other half's scored rows (g = p*). On a run's own training pairs the fitted margins
+        shrink the base score and overstate what VRPO can remove."""
+        rows = self.s.get("diagnose_rows")
+        if not rows or "vrpo_oracle" not in self.s["methods"]:
+            return None
+        target = Path(self.path("diagnose", "held-out.json"))
+        if not target.exists():
+            train_half, held_out = self.split_for_diagnosis()
+            run_dir = self.path("diagnose", "dpo-half")
+            if not Path(run_dir, "config.json").exists():
+                self.run("train", "--method", "dpo", "--model", self.model, "--data", train_half, "--out", run_dir,
+                     "--max-steps", str(max(1, self.s["max_steps"] // 2)), "--per-device-train-batch-size",
+                     str(self.s["batch_size"]), "--learning-rate", str(self.s["learning_rate"]), "--lora-r",
+                     str(self.s["lora_r"]), "--seed", str(self.seed), "--save-steps", "1000000")
+            self.run("diagnose", held_out, "--model", run_dir, "--max-rows", str(rows), "--seed", str(self.seed),
+                 "--json", str(target))
+        return json.loads(target.read_text())
+
+    def split_for_diagnosis(self) -> tuple[str, str]:
+        """Labelled pairs of every other prompt (train half) and the oracle-scored rows of the rest."""
+        from vrpo.data import read_rows
+        from vrpo.provenance import atomic_write_text
+
+        pairs = read_rows(self.path("labelled", "pairs.jsonl"))
+        held = {p["prompt_id"] for i, p in enumerate(sorted(pairs, key=lambda p: p["prompt_id"])) if i % 2}
+        scored = [dict(r, ref_samples=list(r["ref_samples"]), ref_aux_prob=[list(x) for x in r["ref_aux_prob"]])
+                  for r in read_rows(self.path("scored", "vrpo_oracle", "data.parquet")) if r["prompt_id"] in held]
+        train_half, held_out = self.path("diagnose", "train-half.jsonl"), self.path("diagnose", "held-out.jsonl")
+        atomic_write_text(train_half, "".join(json.dumps(p) + "\n" for p in pairs if p["prompt_id"] not in held))
+        atomic_write_text(held_out, "".join(json.dumps(r, default=float) + "\n" for r in scored))
+        return train_half, held_out
+
     # ---- evaluation ------------------------------------------------------------------
     def respond(self, name: str, folder: str, rows: list[dict]) -> list[str]:
         """Greedy responses (the deployed behaviour) of one policy to the evaluation prompts."""
@@ -254,6 +299,8 @@ class Workflow:
         from vrpo.aux.io import load_oof
         from vrpo.data import read_rows
         from vrpo.experiments.scheduling import evaluation as ev
+        import numpy as np
+
         from vrpo.experiments.scheduling.panel import oracle_prob, rubrics as panel_rubrics
 
         prompts, slices = [r["prompt"] for r in rows], [r["slice"] for r in rows]
@@ -263,6 +310,8 @@ class Workflow:
         wins.update({f"{m}_vs_dpo": ev.win_rates(oracle_prob, prompts, slices, responses[m], responses["dpo"], seed=self.seed)
                      for m in methods if m != "dpo"})
         rubrics = {name: ev.rubric_rates(panel_rubrics, prompts, slices, texts) for name, texts in responses.items()}
+        # did training move the deployed (greedy) behaviour at all? share of answers unlike pi_ref's
+        changed = {m: float(np.mean([a != b for a, b in zip(responses[m], responses[REFERENCE])])) for m in methods}
         pairs = read_rows(self.path("labelled", "pairs.jsonl"))
         g = load_oof(self.path("aux"), [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
                      [p["rejected"] for p in pairs])
@@ -271,5 +320,6 @@ class Workflow:
         label_manifest = json.loads(Path(self.path("labelled", "manifest.json")).read_text())
         return {"settings": self.s, "model": self.model, "seed": self.seed, "max_regression": self.max_regression,
                 "eval_prompts": len(rows), "labelled_pairs": len(pairs), "win_rates": wins, "rubrics": rubrics,
+                "greedy_changed": changed,
                 "aux_calibration": calibration, "audit": audit, "label_noise": label_manifest["by_slice"],
                 "gates": gates, "provenance": {"samples_manifest": label_manifest.get("samples_manifest", {})}}
