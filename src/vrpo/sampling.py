@@ -179,8 +179,10 @@ def read_samples(folder: str | Path) -> list[dict]:
 def sample_references(model_path: str, prompts_path: str, out: str, *, num_samples: int = 4, max_new_tokens: int = 64,
                       batch_size: int = 8, seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                       max_prompt_length: int = 256, prompt_truncation: str = "error", shard_size: int = 64,
-                      max_prompts: int | None = None, trust_remote_code: bool = False) -> Path:
-    """Draw ``num_samples`` reference samples per prompt into ``out`` (resumable); return the table's path."""
+                      max_prompts: int | None = None, trust_remote_code: bool = False, engine=None) -> Path:
+    """Draw ``num_samples`` reference samples per prompt into ``out`` (resumable); return the table's path.
+    ``engine``: None draws with ``model.generate``; a ``vrpo.sampling_server.ServerEngine`` draws
+    from a server (the local model still scores every sample)."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -191,6 +193,8 @@ def sample_references(model_path: str, prompts_path: str, out: str, *, num_sampl
         raise ValueError(f"--num-samples {num_samples}: VRPO needs at least 2 reference samples per prompt")
     import torch
 
+    if engine is not None:
+        engine.connect()  # an unreachable server is an error before the model loads
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes (gloo) when there is no GPU
     model, tokenizer = load_model_and_tokenizer(model_path, trust_remote_code=trust_remote_code)
     model.to(state.device)
@@ -201,7 +205,8 @@ def sample_references(model_path: str, prompts_path: str, out: str, *, num_sampl
     manifest = {"kind": "reference_samples", "model": str(model_path), "model_fingerprint": fingerprint_model(model_path),
                 "tokenizer_fingerprint": fingerprint_tokenizer(model_path), "prompts": str(prompts_path),
                 "prompts_fingerprint": fingerprint_data(prompts_path), "num_prompts": len(items), "seed": seed,
-                "shard_size": shard_size, "tokenization": token_settings, "log_prob_temperature": 1.0, **settings}
+                "shard_size": shard_size, "tokenization": token_settings, "log_prob_temperature": 1.0, **settings,
+                **(engine.manifest_fields() if engine is not None else {"engine": "hf"})}
     out_dir = Path(out)
     _check_resume(out_dir, manifest, read_manifest)
     if state.is_main_process:
@@ -214,12 +219,21 @@ def sample_references(model_path: str, prompts_path: str, out: str, *, num_sampl
     bar = tqdm(total=sum(len(shards[s]) for s in mine), initial=sum(len(shards[s]) for s in mine if s not in todo),
                desc=f"sampling K={num_samples}", unit="prompt", disable=not state.is_local_main_process)
     for s in todo:
-        rows = sample_shard(model, tokenizer, shards[s], settings, seed * 100_003 + s, batch_size, token_settings)
-        write_parquet(out_dir / SHARD_DIR / f"shard-{s:05d}.parquet", rows)
+        path = out_dir / SHARD_DIR / f"shard-{s:05d}.parquet"
+        if engine is None:
+            rows = sample_shard(model, tokenizer, shards[s], settings, seed * 100_003 + s, batch_size, token_settings)
+        else:
+            rows = engine.sample_shard(model, tokenizer, shards[s], settings, seed * 100_003 + s, batch_size,
+                                       token_settings, path)
+        write_parquet(path, rows)
+        if engine is not None:
+            engine.check(path.parent, settings)  # refuse as soon as the server evidently samples another policy
         bar.update(len(shards[s]))
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
+        if engine is not None:
+            manifest.update(engine.summary(out_dir / SHARD_DIR, settings))
         _merge_shards(out_dir, len(shards))
         manifest["num_truncated"] = sum(sum(r["truncated"]) for r in read_samples(out_dir))
         write_manifest(out_dir, dict(manifest, complete=True))
@@ -232,7 +246,8 @@ def _check_resume(out_dir: Path, manifest: dict, read_manifest) -> None:
     if not (out_dir / "manifest.json").exists():
         return
     old = read_manifest(out_dir)
-    keys = ("model_fingerprint", "tokenizer_fingerprint", "prompts_fingerprint", "seed", "shard_size", "num_samples",
+    old.setdefault("engine", "hf")  # folders written before engines were recorded
+    keys = ("engine", "model_fingerprint", "tokenizer_fingerprint", "prompts_fingerprint", "seed", "shard_size", "num_samples",
             "max_new_tokens", "temperature", "top_p", "top_k", "tokenization")
     diff = [k for k in keys if old.get(k) != manifest.get(k)]
     if diff:
@@ -269,14 +284,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=64, help="prompts per resumable shard")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N distinct prompts")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code (off by default)")
+    add_engine_arguments(p)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    from vrpo.cli_args import POSITIVE_INT
+
+    g = p.add_argument_group("engine (docs/sampling_engines.md)")
+    g.add_argument("--engine", choices=["hf", "openai"], default="hf",
+                   help="hf: model.generate on --model (default); openai: an OpenAI-compatible server (vLLM, SGLang, "
+                        "TGI, llama.cpp) serving the same model; --model still scores every sample exactly")
+    g.add_argument("--base-url", default=None, help="with --engine openai: the server, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--served-model", default=None, help="with --engine openai: the model name the server serves")
+    g.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="with --engine openai: requests in flight")
+    g.add_argument("--allow-reference-mismatch", action="store_true",
+                   help="with --engine openai: sample even when the fidelity check says the server runs another "
+                        "policy (recorded: the samples are marked not from pi_ref)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from vrpo.sampling_server import make_engine
+
+    engine = make_engine(args)
     path = sample_references(
         args.model, args.prompts, args.out, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation,
-        shard_size=args.shard_size, max_prompts=args.max_prompts, trust_remote_code=args.trust_remote_code)
+        shard_size=args.shard_size, max_prompts=args.max_prompts, trust_remote_code=args.trust_remote_code,
+        engine=engine)
     import os
 
     from vrpo.provenance import read_manifest
