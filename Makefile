@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m vrpo demo
 
 test: $(SERVE_STAMP)
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not slow" tests

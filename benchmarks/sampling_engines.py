@@ -99,7 +99,8 @@ def fidelity_row(name: str, server_url: str, model_dir: Path, prompts: Path, out
     verdict = "refused" if mismatch_reasons(f) else "accepted"
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     print(f"| {name} | {f['compared_tokens']} | {fmt(f['mean_abs_logprob_diff'], '.4f')} | "
-          f"{fmt(f['max_abs_logprob_diff'], '.3f')} | {fmt(f['kl_server_to_reference_per_sample'], '.4f')} | "
+          f"{fmt(f['max_abs_logprob_diff'], '.3f')} | {fmt(f['kl_server_to_reference_per_sample'], '.3f')} | "
+          f"{fmt(f['tv_per_sample'], '.3f')} | {fmt(f['chi2_per_sample'], '.3f')} | "
           f"{fmt(f['excess_loglik'], '+.3f')} | {fmt(f['excess_loglik_z'], '+.1f')} | "
           f"{f['roundtrip_differs_share']:.2f} | {f['truncated_share']:.2f} | {verdict} |", flush=True)
 
@@ -108,9 +109,9 @@ def fidelity_table(server_url: str, model_dir: Path, args, work: Path) -> None:
     from vrpo.testing_server import RewritingProxy, perturbed_copy
 
     prompts = write_prompts(work / "prompts.jsonl", args.prompts)
-    print("| server vs local reference | compared tokens | mean abs diff | max abs diff | KL/sample | excess e | z "
-          "| round-trip differs | truncated | verdict |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| server vs local reference | compared tokens | mean abs diff | max abs diff | KL/sample | TV/sample "
+          "| chi2/sample | excess e | z | round-trip differs | truncated | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     fidelity_row("Q4_1 GGUF vs its dequantised copy (honest)", server_url, model_dir, prompts, work / "honest", args)
     gateways = {"gateway forces temperature 0.7": {"temperature": 0.7},
                 "llama.cpp defaults (top-k 40, min-p 0.05, repeat 1.1)":
