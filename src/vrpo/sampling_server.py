@@ -54,6 +54,7 @@ from pathlib import Path
 from vrpo.errors import UserError, one_line
 
 TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)
+STEP_CHUNK = 256  # completion tokens per float64 softmax: 256 x a 128k vocabulary = 256 MB at a time
 FIDELITY_SUFFIX = ".fidelity.json"
 
 # When the server evidently runs another policy. The measurements behind each number are in
@@ -216,11 +217,10 @@ def score_with_token_stats(model, prompt_ids: list[int], completion_ids: list[li
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         sums = sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"]).tolist()
         mask = batch["completion_mask"][:, 1:].bool()  # logits[:, t] predicts input_ids[:, t + 1]
-        logp = torch.log_softmax(logits[:, :-1][mask].double(), -1)  # [completion tokens, V]
-        token = logp.gather(-1, batch["input_ids"][:, 1:][mask].unsqueeze(-1)).squeeze(-1)
-        p = logp.exp()
-        entropy = -(p * logp).sum(-1)
-        variance = ((p * logp * logp).sum(-1) - entropy ** 2).clamp_min(0.0)
+        rows, targets = logits[:, :-1][mask], batch["input_ids"][:, 1:][mask]  # [completion tokens, V], [tokens]
+        parts = [_step_statistics(rows[i:i + STEP_CHUNK], targets[i:i + STEP_CHUNK])
+                 for i in range(0, len(targets), STEP_CHUNK)]
+        token, entropy, variance = (torch.cat(x) for x in zip(*parts)) if parts else (targets.double(),) * 3
     model.train(was_training)
     stats, start = [], 0
     for c in completion_ids:  # rows of the masked selection come sample by sample, in order
@@ -228,6 +228,17 @@ def score_with_token_stats(model, prompt_ids: list[int], completion_ids: list[li
         stats.append((token[start:end].tolist(), entropy[start:end].tolist(), variance[start:end].tolist()))
         start = end
     return sums, stats
+
+
+def _step_statistics(logits, targets):
+    """log p(target), entropy H and Var[log p] of each row's softmax (float64, one chunk of rows)."""
+    import torch
+
+    logp = torch.log_softmax(logits.double(), -1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    variance = ((p * logp * logp).sum(-1) - entropy ** 2).clamp_min(0.0)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy, variance
 
 
 # --------------------------------------------------------------------------------------
