@@ -1,5 +1,5 @@
 """Time `vrpo reproduce bandit` (default: all settings, 200 replicates, one-stage model and
-n-sweep included) against issue 3's budget of 5 minutes on the 2-core machine.
+n-sweep included) against its budget of 5 minutes on the 2-core machine.
 
     .venv/bin/python benchmarks/bandit_speed.py            # the default run
     .venv/bin/python benchmarks/bandit_speed.py --quick    # the demo's quick run (budget ~1 min)

@@ -2,7 +2,7 @@
 our VRPO with K = 2 and K = 4 reference samples, and TRL's DPOTrainer (precomputed
 reference log-probs, like ours).
 
-Targets (issue 4): our DPO <= 1.0 x TRL's step time; VRPO(K) <= 1.1 x (2 + K) / 2 x our DPO
+Targets: our DPO <= 1.0 x TRL's step time; VRPO(K) <= 1.1 x (2 + K) / 2 x our DPO
 (no overhead beyond the K extra sequences in the same forward pass).
 
     .venv/bin/python benchmarks/train_step.py [--rounds 12] [--pairs 8] [--tokens 64]

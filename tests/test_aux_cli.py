@@ -21,7 +21,9 @@ def noisy(tmp_path_factory):
     data = tmp / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     aux = tmp / "aux"
-    assert main(["fit-aux", "--data", str(data), "--model", "gpm-table", "--folds", "4", "--fold-by", "pair",
+    # 400 labels of 28 distinct pairs: --fold-by pair holds out every listing of a pair at once, so the
+    # model must rank pairs it never saw from the others (the truth is transitive: Bradley-Terry's)
+    assert main(["fit-aux", "--data", str(data), "--model", "bt-table", "--folds", "4", "--fold-by", "pair",
                  "--epochs", "30", "--lr", "0.01", "--out", str(aux)]) == 0
     out = tmp / "audit"
     assert main(["audit", "--data", str(data), "--aux", str(aux), "--out", str(out), "--top", "10"]) == 0
@@ -35,8 +37,9 @@ def test_fit_aux_writes_model_oof_metrics_and_diagram(noisy):
     cfg = json.loads((aux / "aux_config.json").read_text())
     assert cfg["kind"] == "fold-average" and len(cfg["config"]["members"]) == 4 and cfg["fit"]["folds"] == 4
     metrics = json.loads((aux / "metrics.json").read_text())["heldout"]
-    # labels agree with the learnable truth for ~0.97*0.9 + 0.03*0.1 = 0.876 of pairs
-    assert 0.8 < metrics["accuracy"] < 0.95
+    # labels agree with the learnable truth for ~0.97*0.9 + 0.03*0.1 = 0.876 of pairs: the ceiling; a pair
+    # ranked from the other pairs only (it is held out whole) gets less, a leak through its copies would get it
+    assert 0.7 < metrics["accuracy"] < 0.876
     assert set(metrics) >= {"accuracy", "log_loss", "brier", "ece"}
     oof = pd.read_parquet(aux / "oof.parquet")
     assert list(oof.columns) == ["row", "pair_id", "prompt_id", "aux_prob", "fold"] and len(oof) == 400

@@ -52,7 +52,7 @@ def test_vrpo_hand_value_k2_sigmoid():
 
 
 def test_sigmoid_observed_part_is_linear():
-    """With f = sigmoid, l(z,1) - l(z,g) = -(1-g) z exactly (METHOD.md)."""
+    """With f = sigmoid, l(z,1) - l(z,g) = -(1-g) z exactly (docs/method.md)."""
     z = torch.linspace(-30, 30, 61); g = torch.rand(61)
     diff = L.soft_label_loss(z, 1.0) - L.soft_label_loss(z, g)
     assert torch.allclose(diff, -(1 - g) * z, atol=1e-9)

@@ -204,15 +204,16 @@ def _calibration_of_draws(model, tok, temperature: float, k: int = 96, new: int 
     ids = torch.tensor([p_ids] * k)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
-    c_ids = []
-    for seq in out[:, len(p_ids):].tolist():
-        body = seq[: seq.index(tok.eos_token_id)] if tok.eos_token_id in seq else seq
-        c_ids.append(body + [tok.eos_token_id])
+    c_ids, cut = [], []
+    for seq in out[:, len(p_ids):].tolist():  # a sample that drew EOS keeps it; one cut at `new` tokens has none
+        stop = seq.index(tok.eos_token_id) + 1 if tok.eos_token_id in seq else len(seq)
+        c_ids.append(seq[:stop])
+        cut.append(tok.eos_token_id not in seq)
     _, token_stats = score_with_token_stats(model, p_ids, c_ids, tok.pad_token_id)
     stats = empty_stats()
-    for ids, ts in zip(c_ids, token_stats):
-        truncated = len(ids) - 1 == new
-        add_sample(stats, Completion("", truncated, [_piece(tok, t) for t in ids[:-1]], ts[0][:-1]), ids, ts, tok)
+    for ids, truncated, ts in zip(c_ids, cut, token_stats):
+        n = len(ids) - (0 if truncated else 1)
+        add_sample(stats, Completion("", truncated, [_piece(tok, t) for t in ids[:n]], ts[0][:n]), ids, ts, tok)
     return summarize(stats)
 
 
@@ -441,8 +442,8 @@ def test_one_sample_adds_hand_computed_figures(tiny):
     assert stats["weight_abs_dev_sum"] == pytest.approx(1 - math.exp(-0.1 * n))
     # calibration: every body token and the EOS it stopped on, each log p + H = -0.5
     assert stats["calibration_tokens"] == n + 1 and stats["calibration_sum"] == pytest.approx(-0.5 * (n + 1))
-    truncated = Completion(" great fun", True, None, None)  # no log-probs asked; EOS appended, not sampled
-    add_sample(stats, truncated, local, (local_logp, entropy, variance), tok)
+    truncated = Completion(" great fun", True, None, None)  # no log-probs asked; cut at max_new_tokens: no EOS
+    add_sample(stats, truncated, body, (local_logp[:n], entropy[:n], variance[:n]), tok)
     assert stats["calibration_tokens"] == 2 * n + 1 and stats["without_logprobs"] == 1 and stats["truncated"] == 1
 
 

@@ -255,7 +255,7 @@ def aligned_length(completion: Completion, local_ids: list[int], tokenizer) -> i
     if completion.tokens is None:
         return None
     eos = tokenizer.eos_token_id
-    body = local_ids[:-1] if local_ids and local_ids[-1] == eos else local_ids
+    body = local_ids[:-1] if not completion.truncated and local_ids and local_ids[-1] == eos else local_ids
     if all(t.startswith("token_id:") for t in completion.tokens):  # vLLM return_tokens_as_token_ids
         ids = [int(t.split(":", 1)[1]) for t in completion.tokens]
         return len(ids) if ids in (body, body + [eos]) and len(ids) <= len(local_ids) else None
@@ -277,13 +277,11 @@ def add_sample(stats: dict, completion: Completion, local_ids: list[int], token_
     local_logp, entropy, variance = token_stats
     stats["samples"] += 1
     stats["truncated"] += completion.truncated
-    # calibration over the tokens training will see: the body, and the end-of-sequence token when
-    # the server stopped there (a truncated sample's appended EOS was not sampled)
-    eos = tokenizer.eos_token_id
-    m = len(local_ids) - (1 if completion.truncated and local_ids and local_ids[-1] == eos else 0)
-    stats["calibration_tokens"] += m
-    stats["calibration_sum"] += sum(l + h for l, h in zip(local_logp[:m], entropy[:m]))
-    stats["calibration_var"] += sum(variance[:m])
+    # calibration over the tokens training will see, each one sampled: the body, and the
+    # end-of-sequence token when the server stopped there (a truncated sample has none)
+    stats["calibration_tokens"] += len(local_ids)
+    stats["calibration_sum"] += sum(l + h for l, h in zip(local_logp, entropy))
+    stats["calibration_var"] += sum(variance)
     if completion.tokens is None:
         stats["without_logprobs"] += 1
         return
@@ -450,8 +448,9 @@ class ServerEngine:
         sent = [prompt_text(tokenizer, it, token_settings) for it in items]  # a too-long prompt fails before any request
         for it, completions in zip(items, self.draw(sent, settings, seed)):
             texts = [c.text for c in completions]
+            # as the hf engine: a sample cut at max_new_tokens never drew EOS, so it is scored without one
             p_ids, c_ids = tokenize_completions(tokenizer, it["prompt"], texts, where=f"prompt_id {it['prompt_id']}",
-                                                **token_settings)
+                                                add_eos=[not c.truncated for c in completions], **token_settings)
             logps, token_stats = score_with_token_stats(model, p_ids, c_ids, tokenizer.pad_token_id)
             for completion, ids, ts in zip(completions, c_ids, token_stats):
                 add_sample(stats, completion, ids, ts, tokenizer)

@@ -66,9 +66,11 @@ def build_features(rows: Sequence[dict], tokenizer, cfg, *, with_reference: bool
             k = num_ref_samples
             _check_reference_columns(row, i, k, source)
             logps = row.get("ref_logps")
+            # a sample cut at the sampler's length limit never drew EOS: none is added (as when it was scored)
+            cut = list(row.get("ref_truncated") or [False] * k)[:k]
             ref_prompt_ids, ref_ids = tokenize_completions(tokenizer, row["prompt"], list(row["ref_samples"][:k]),
                                                            where=f"{where} reference samples", **settings,
-                                                           cut_completions=logps is None)
+                                                           add_eos=[not t for t in cut], cut_completions=logps is None)
             feat.update(aux_prob=float(row["aux_prob"]), ref_prompt_ids=ref_prompt_ids, ref_ids=ref_ids,
                         ref_aux_prob=[list(map(float, r[:k])) for r in row["ref_aux_prob"][:k]],
                         ref_logps=None if logps is None else [float(x) for x in logps[:k]])

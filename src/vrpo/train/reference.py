@@ -56,18 +56,48 @@ def compute_reference_logps(model, features: list[dict], pad_token_id: int, batc
     return out
 
 
-def stored_sample_logp_error(model, features: list[dict], pad_token_id: int, num_prompts: int = 4) -> float | None:
-    """Largest |stored - recomputed| ref log-prob over the samples of the first prompts that
-    brought their own (from ``vrpo sample``): a different model or tokenisation shows here."""
+SPOT_CHECK_PROMPTS = 8  # prompts whose stored sample log-probs are recomputed: half evenly spaced, half at random
+
+
+def spot_check_positions(n: int, count: int = SPOT_CHECK_PROMPTS, seed: int = 0) -> list[int]:
+    """Positions spread over the whole table: ``count // 2`` evenly spaced (first and last
+    included) and the rest drawn at random (seeded), so no stretch of rows goes unchecked
+    by construction."""
+    import numpy as np
+
+    if n <= count:
+        return list(range(n))
+    even = {int(round(x)) for x in np.linspace(0, n - 1, max(2, count // 2))}
+    rest = [i for i in range(n) if i not in even]
+    drawn = np.random.default_rng(seed).choice(len(rest), size=count - len(even), replace=False)
+    return sorted(even | {rest[int(i)] for i in drawn})
+
+
+def stored_sample_logp_error(model, features: list[dict], pad_token_id: int,
+                             num_prompts: int = SPOT_CHECK_PROMPTS) -> float | None:
+    """Largest |stored - recomputed| ref log-prob over the samples of prompts spread over the
+    whole table (``spot_check_positions``) that brought their own (from ``vrpo sample``): a
+    different model or tokenisation shows here. (An edited row is caught before, by the
+    samples table's checksum.)"""
     from vrpo.sampling import sequence_logps_under
 
+    stored = [f for f in features if f.get("ref_logps") is not None]
     worst = None
-    stored = [f for f in features if f.get("ref_logps") is not None][:num_prompts]
-    for f in stored:
+    for i in spot_check_positions(len(stored), num_prompts, seed=len(stored)):
+        f = stored[i]
         fresh = sequence_logps_under(model, [f["ref_prompt_ids"]] * len(f["ref_ids"]), f["ref_ids"], pad_token_id)
         err = max(abs(a - b) for a, b in zip(fresh, f["ref_logps"]))
         worst = err if worst is None else max(worst, err)
     return worst
+
+
+def stored_logps_fingerprint(features: list[dict]) -> str:
+    """sha256 of the reference log-probs the samples brought: part of the cache key, so the
+    spot check above is redone when they change."""
+    h = hashlib.sha256()
+    for f in features:
+        h.update(json.dumps(f.get("ref_logps")).encode())
+    return h.hexdigest()
 
 
 def attach_reference_logps(features: list[dict], ref_model_path: str, model_fingerprint: str, pad_token_id: int,
@@ -77,7 +107,8 @@ def attach_reference_logps(features: list[dict], ref_model_path: str, model_fing
     from the cache when it holds this (model, token ids) key. Returns the features and
     {"cache": file, "stored_sample_logp_error": float or None}. ``device``: where the
     reference model runs for the one pass (the training process's device; default CPU)."""
-    key = hashlib.sha256((model_fingerprint + token_fingerprint(features)).encode()).hexdigest()[:24]
+    key = hashlib.sha256((model_fingerprint + token_fingerprint(features) + stored_logps_fingerprint(features))
+                         .encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"ref-logps-{key}.json"
     if path.exists():
         cached = json.loads(path.read_text())

@@ -66,14 +66,18 @@ class RewardModelConfig(TrainingSettings):
 
     method: str = "bt"  # bt (Bradley-Terry) or vrpo
     per_device_train_batch_size: int = 8  # prompts per step and device; each brings 2 + K sequences
-    logging_steps: int = 10
-    save_steps: int = 200
+    # logging and checkpoints as `vrpo train`'s (the same console and metrics.jsonl lines)
 
     def _engine_settings(self) -> dict:
         return {"data_seed": self.seed}
 
-    def _check_method(self) -> None:
-        rm_method(self.method)
+    def _method_registry(self) -> dict:
+        from vrpo.train.methods import METHODS
+
+        return {name: METHODS[key] for name, key in RM_METHOD_NAMES.items()}
+
+    def _method(self):
+        return rm_method(self.method)
 
 
 # --------------------------------------------------------------------------------------
@@ -88,6 +92,19 @@ def pipeline_view(cfg: "RewardModelConfig"):
                            allow_reference_mismatch=cfg.allow_reference_mismatch)
 
 
+def reference_chat_template(cfg: "RewardModelConfig"):
+    """The chat template that renders conversational rows: pi_ref's, as `vrpo sample` and
+    `vrpo train` rendered them (prompt ids must match the samples'): the model the samples'
+    manifest names, else ``ref_model``, else the initialisation ``model``. The reward model's
+    own tokenizer then tokenises the rendered text."""
+    from vrpo.data import chat_template_source
+
+    if cfg.samples:
+        return chat_template_source(samples=cfg.samples)
+    return chat_template_source(tokenizer=cfg.ref_model or cfg.model,
+                                tokenizer_flag="--ref-model" if cfg.ref_model else "--model")
+
+
 def load_reward_features(cfg: "RewardModelConfig", tokenizer) -> tuple[list[dict], int | None, dict]:
     """Tokenised features of the preference data (``build_features``), K, and the manifests met.
 
@@ -100,7 +117,7 @@ def load_reward_features(cfg: "RewardModelConfig", tokenizer) -> tuple[list[dict
     from vrpo.train.run import load_training_rows
 
     method = rm_method(cfg.method)
-    rows, manifests = load_training_rows(pipeline_view(cfg), tokenizer)
+    rows, manifests = load_training_rows(pipeline_view(cfg), reference_chat_template(cfg))
     k = None
     if method.needs_reference_samples:
         k = cfg.num_ref_samples or default_num_ref_samples(rows, cfg.data)
@@ -122,7 +139,7 @@ def check_reward_provenance(cfg: "RewardModelConfig", manifests: dict) -> dict:
     ref_path = cfg.ref_model or cfg.model
     problems = check_provenance(pipeline_view(cfg), manifests, fingerprint_model(ref_path), fingerprint_tokenizer(ref_path))
     return {"reference_model": ref_path, "manifests": manifests, "allowed_mismatches": problems,
-            "data_fingerprint": fingerprint_data(cfg.data)}
+            "data_fingerprint": fingerprint_data(cfg.data), "data_checks": manifests.get("data_checks")}
 
 
 def unpack_rewards(rewards, batch_size: int, k: int | None):
@@ -181,14 +198,9 @@ def _trainer_class():
 
 
 def _load_tokenizer(cfg: RewardModelConfig):
-    from transformers import AutoTokenizer
+    from vrpo.sampling import load_tokenizer
 
-    if not Path(cfg.model).is_dir():
-        raise ValueError(f"--model: {cfg.model} is not a model folder")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
 
 
 def _build_model(cfg: RewardModelConfig, tokenizer=None):
@@ -208,31 +220,60 @@ def _build_model(cfg: RewardModelConfig, tokenizer=None):
     return model, tokenizer
 
 
-def train_reward_model(cfg: RewardModelConfig, *, resume: bool = False) -> Path:
+def reward_inputs_record(cfg: RewardModelConfig) -> dict:
+    """Everything that determines a reward model (the reuse record of ``out``): ``vrpo train``'s
+    (``vrpo.train.run.run_inputs``: applied settings, fingerprints, processes)."""
+    from vrpo.train.run import run_inputs
+
+    return run_inputs(cfg)
+
+
+def train_reward_model(cfg: RewardModelConfig, *, overwrite: bool = False, callbacks: Sequence = ()) -> Path:
     """Fit r_phi with ``cfg.method``; return the run folder (a reward-model folder for ``vrpo rl``).
 
-    The folder holds config.yaml (resolved), versions.json, manifests/ (provenance of the
-    data and samples), metrics.jsonl, checkpoints/ (``resume=True`` continues from the last),
-    the model (``save_pretrained``, safetensors) with its tokenizer, and README.md.
+    The folder holds config.yaml (the settings that applied), versions.json, manifests/
+    (provenance of the data and samples), metrics.jsonl, checkpoints/, the model
+    (``save_pretrained``, safetensors) with its tokenizer, and README.md. As with ``vrpo
+    train``, a folder made from the same inputs resumes from its last checkpoint, one made
+    from others is refused unless ``overwrite``.
     """
-    import yaml
+    import contextlib
+    import os
 
-    from vrpo.provenance import atomic_write_json, atomic_write_text, package_versions
-    from vrpo.train.collator import PreferenceCollator
-    from vrpo.train.reward_run import resume_point, reward_model_card
-    from vrpo.train.trainer import MetricsJsonlCallback
+    from vrpo.outputs import claim_output, folder_lock
 
     cfg.validate()
     out = Path(cfg.out)
+    inputs = reward_inputs_record(cfg)  # before anything heavy: a bad path is a one-line error now
+    main = int(os.environ.get("RANK", "0")) == 0
+    with folder_lock(out, "train-rm") if main else contextlib.nullcontext():
+        claim_output(out, "train-rm", inputs, overwrite=overwrite)
+        return _train_reward_model_into(cfg, out, callbacks)
+
+
+def _train_reward_model_into(cfg: RewardModelConfig, out: Path, callbacks: Sequence = ()) -> Path:
+    import yaml
+
+    from vrpo.provenance import atomic_write_json, atomic_write_text, package_versions
+    from vrpo.sampling import context_length
+    from vrpo.train.collator import PreferenceCollator
+    from vrpo.train.reward_run import check_checkpoint, last_checkpoint, resume_point, reward_model_card
+    from vrpo.train.run import check_features_fit
+    from vrpo.train.trainer import MetricsJsonlCallback
+
     tokenizer = _load_tokenizer(cfg)
     features, k, manifests = load_reward_features(cfg, tokenizer)  # bad data fails here, before any model loads
+    check_features_fit(features, context_length(cfg.model, trust_remote_code=cfg.trust_remote_code), cfg.data)
     provenance = check_reward_provenance(cfg, manifests)
+    ckpt = last_checkpoint(out / "checkpoints")
+    if ckpt:
+        check_checkpoint(ckpt)
     model, _ = _build_model(cfg, tokenizer)
     args = cfg.training_arguments(out / "checkpoints")
     main = args.process_index == 0  # under `accelerate launch`, one process writes the run record
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump({**asdict(cfg), "stage": "reward_model",
+        atomic_write_text(out / "config.yaml", yaml.safe_dump({**cfg.applied_settings(), "stage": "reward_model",
                                                                "num_ref_samples": k}, sort_keys=False))
         atomic_write_json(out / "versions.json", package_versions())
         atomic_write_json(out / "manifests" / "provenance.json", provenance)
@@ -240,9 +281,9 @@ def train_reward_model(cfg: RewardModelConfig, *, resume: bool = False) -> Path:
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=features, processing_class=tokenizer,
         data_collator=PreferenceCollator(tokenizer.pad_token_id, with_reference=k is not None),
-        callbacks=[MetricsJsonlCallback(out / "metrics.jsonl")], rm_config=cfg, num_ref_samples=k,
+        callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), *callbacks], rm_config=cfg, num_ref_samples=k,
     )
-    ckpt = resume_point(out / "checkpoints", resume, out / "metrics.jsonl", main_process=main)
+    ckpt = resume_point(out / "checkpoints", True, out / "metrics.jsonl", main_process=main)
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     trainer.save_model(str(out))  # safetensors; only the main process writes
     if trainer.is_world_process_zero():
