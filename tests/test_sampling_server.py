@@ -350,7 +350,8 @@ def test_server_samples_are_rescored_exactly_by_the_local_model(drawn, smollm2):
     model, tok = load_model_and_tokenizer(str(smollm2[0]))
     tokenization = read_manifest(drawn)["tokenization"]
     for row in read_samples(drawn):
-        p_ids, c_ids = tokenize_completions(tok, row["prompt"], row["samples"], **tokenization)
+        p_ids, c_ids = tokenize_completions(tok, row["prompt"], row["samples"], **tokenization,
+                                            add_eos=[not t for t in row["truncated"]])  # as the hf engine
         # the hf engine's own re-scoring of the same texts, bit for bit
         assert row["ref_logps"] == sequence_logps_under(model, [p_ids] * 3, c_ids, tok.pad_token_id, 3)
         assert all(lp < 0 for lp in row["ref_logps"])
