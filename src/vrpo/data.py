@@ -5,9 +5,12 @@ Canonical record (``load_preferences`` returns a ``datasets.Dataset`` of these):
 - ``prompt``, ``chosen``, ``rejected``: strings. Conversational message lists are rendered
   with the chat template of the reference model's tokenizer (``chat_template_source``): the
   prompt with the generation prompt appended, each response as the text that the template
-  adds after the prompt. Such rows also get ``aux_chosen`` / ``aux_rejected``: the reply as
-  plain text (the assistant messages' content), what auxiliary models, judges and rubrics
-  see (``aux_texts``; docs/pipeline.md, "What the auxiliary model sees").
+  adds after the prompt, in the form a reference sample of it has (``completion_text``: up
+  to the end-of-sequence token, which tokenisation appends once, without special tokens;
+  docs/pipeline.md, "How an observed reply ends"). Such rows also get ``aux_chosen`` /
+  ``aux_rejected``: the reply as plain text (the assistant messages' content), what
+  auxiliary models, judges and rubrics see (``aux_texts``; docs/pipeline.md, "What the
+  auxiliary model sees").
 - ``prompt_id``: string; given, or the first 16 hex digits of sha256(prompt).
 - optional ``aux_prob`` (g(x, y+, y-) in [0, 1]), ``slice``, and any other column (kept).
 - the paper code's schema (``a_1``, ``a_2``, ``chosen_preference``, ``rejected_preference``,
@@ -42,6 +45,7 @@ __all__ = [
     "drop_identical_pairs", "read_rows", "prompt_id_of", "from_paper_schema", "check_probability_column",
     "tokenize_completions", "pad_right", "sequence_batch", "REQUIRED_COLUMNS", "PAPER_COLUMNS",
     "ChatTemplateSource", "chat_template_source", "tokenizer_identity", "aux_texts", "AUX_TEXT_COLUMNS",
+    "completion_text",
 ]
 
 
@@ -147,8 +151,9 @@ def _is_messages(value: Any) -> bool:
 
 def _render_chat(row: dict, tokenizer, source: str, i: int) -> dict:
     """Render a conversational row: prompt with the generation prompt; each response as the
-    text the chat template appends after that prompt, and its reply as plain text
-    (``aux_chosen`` / ``aux_rejected``) for the auxiliary model."""
+    text the chat template appends after that prompt, in a reference sample's form
+    (``_reply_as_sampled``), and its reply as plain text (``aux_chosen`` / ``aux_rejected``)
+    for the auxiliary model."""
     tokenizer = _chat_tokenizer(tokenizer, f"{source}: row {i}")
     prompt_msgs = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
     prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
@@ -161,9 +166,38 @@ def _render_chat(row: dict, tokenizer, source: str, i: int) -> dict:
             if not full.startswith(prompt):
                 raise ValueError(f"{source}: row {i} column {col!r}: the chat template does not render the prompt "
                                  "as a prefix of prompt + response; pass plain strings instead")
-            resp = full[len(prompt):]
+            resp = _reply_as_sampled(tokenizer, full[len(prompt):], f"{source}: row {i} column {col!r}")
         out[col] = resp
     return out
+
+
+def completion_text(tokenizer, ids: Sequence[int]) -> str:
+    """The text a reference sample keeps of the completion token ids drawn after a prompt:
+    the ids before the first end-of-sequence token, decoded without special tokens. The EOS
+    itself is not text: ``tokenize_completions`` appends it again as one token."""
+    ids = list(ids)
+    eos = tokenizer.eos_token_id
+    stop = ids.index(eos) if eos is not None and eos in ids else len(ids)
+    return tokenizer.decode(ids[:stop], skip_special_tokens=True)
+
+
+def _reply_as_sampled(tokenizer, rendered: str, where: str) -> str:
+    """An observed reply, as rendered by the chat template after the prompt, in the form a
+    sample of pi_ref has, so that labelled pairs and reference samples are draws of the same
+    kind (the control variate's mean-zero premise): the template's turn usually ends with
+    the EOS token's text (``<|im_end|>``, ``<|endoftext|>``) and a newline; the sampler
+    stops at the EOS token and never draws that newline, and tokenisation appends the EOS
+    once. Hence: ``completion_text`` of the reply's tokens. A reply that goes on after the
+    EOS (more than one turn) is not something pi_ref can draw: a one-line error."""
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in ids:
+        after = tokenizer.decode(ids[ids.index(eos) + 1:], skip_special_tokens=True)
+        if after.strip():
+            raise ValueError(f"{where}: the rendered reply goes on after the end-of-sequence token "
+                             f"{tokenizer.eos_token!r} ({_short(after)!r}); a sample of the reference model stops "
+                             "there, so give the response as one assistant turn")
+    return completion_text(tokenizer, ids)
 
 
 def _check_text(row: dict, col: str, source: str, i: int) -> None:

@@ -24,8 +24,10 @@ to ``all``; ``all`` (every prompt) is always reported.
 ``--policy`` / ``--baseline``: each either
 - an evaluation folder: ``responses.jsonl`` with ``prompt_id`` and ``response``, one row per
   prompt of ``--data``, or
-- a model folder (``config.json`` or ``adapter_config.json``): its GREEDY responses (T = 0,
-  up to ``--max-new-tokens``) to the prompts are generated and saved under ``--out``.
+- a model folder (``config.json`` and ``*.safetensors`` weights, as every command loads
+  models: ``vrpo.sampling.load_model_and_tokenizer``): its GREEDY responses (T = 0, up to
+  ``--max-new-tokens``) to the prompts are generated and saved under ``--out``. A LoRA
+  adapter folder alone is refused: ``vrpo train`` writes the merged model into its ``--out``.
 
 ``--rubrics module:function`` (or ``file.py:function``): ``fn(prompts, responses, slices)
 -> list`` of one dict per prompt, ``{rubric name: True | False | None}`` (None: the rubric
@@ -36,6 +38,11 @@ responses_b) -> [N]`` probabilities that a is better than b; antisymmetrised as 
 auxiliary model is (g_sym(a, b) = (g(a, b) + 1 - g(b, a)) / 2), so a policy against itself
 scores exactly 1/2. A ``vrpo fit-aux`` folder works too. Win rate of a slice = mean over
 its prompts of g(x, y_policy, y_baseline), with a percentile bootstrap CI over prompts.
+
+``--out`` is reused only when every input is the same (``vrpo.outputs.claim_output``: the
+policy's and baseline's responses file or model, the prompts, the rubric and judge code,
+the thresholds, the bootstrap and the tokenizer); a rerun then reads the responses it had
+generated instead of generating them again. ``--overwrite`` starts over.
 
 Rubrics and the judge see the prompt as the model sees it (rendered with the reference
 model's chat template for message lists: ``--tokenizer``, or the model folder given as
@@ -61,10 +68,10 @@ TOLERANCE = 1e-12  # a change of exactly -max_regression passes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vrpo.cli_args import POSITIVE_INT, SEED
+    from vrpo.cli_args import POSITIVE_INT, RATE_BELOW_ONE, SEED, add_overwrite_flag
 
     parser.add_argument("--policy", required=True, help="candidate: an evaluation folder (responses.jsonl) or a model "
-                        "folder (its greedy responses are generated)")
+                        "folder (safetensors; its greedy responses are generated)")
     parser.add_argument("--baseline", required=True, help="baseline: an evaluation folder or a model folder")
     parser.add_argument("--data", required=True, help="prompts (JSONL/Parquet/CSV with `prompt`; optional `prompt_id`, "
                         "`slice`: rows without a slice count only in `all`)")
@@ -72,36 +79,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "slices) -> one dict {rubric: True/False/None} per prompt (None: does not apply)")
     parser.add_argument("--judge", default=None, help="module:function, file.py:function (fn(prompts, a, b) -> "
                         "P(a better than b), as --aux) or a `vrpo fit-aux` folder: win rates by slice")
-    parser.add_argument("--max-regression", type=float, default=0.05,
+    parser.add_argument("--max-regression", type=RATE_BELOW_ONE, default=0.05,
                         help="largest allowed drop of a slice's pass rate, or of its win rate below 1/2 (default 0.05)")
-    parser.add_argument("--out", default=None, help="folder for gate.json, gate.md and generated responses")
+    parser.add_argument("--out", default=None, help="folder for gate.json, gate.md and generated responses; a rerun "
+                        "with the same inputs reuses the responses generated there (default: print only)")
     parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="when a model folder is given (default 64)")
     parser.add_argument("--tokenizer", default=None, help="the reference model's folder, whose chat template renders "
                         "message-list prompts (default: the model folder given as --policy or --baseline)")
     parser.add_argument("--bootstrap", type=POSITIVE_INT, default=2000, help="bootstrap resamples for the CIs (default 2000)")
     parser.add_argument("--seed", type=SEED, default=0, help="seed of the bootstrap (default 0)")
+    add_overwrite_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from vrpo.data import load_prompts
+    from vrpo.cli_args import RATE_BELOW_ONE
     from vrpo.errors import UserError
 
-    if not 0.0 <= args.max_regression < 1.0:
-        raise UserError(f"--max-regression {args.max_regression}: expected a number in [0, 1)")
+    RATE_BELOW_ONE.check(args.max_regression, "--max-regression")  # also for a Namespace built in Python
     if not (args.rubrics or args.judge):
         raise UserError("nothing to check: give --rubrics module:function and/or --judge module:function")
     rubrics = load_rubrics(args.rubrics) if args.rubrics else None
     judge = load_judge(args.judge) if args.judge else None
-    items = load_prompts(args.data, gate_chat_template(args))
+    sources = {role: ResponseSource.of(getattr(args, role), f"--{role}") for role in ROLES}
+    if not args.out:
+        return gate(args, sources, rubrics, judge)
+    from vrpo.outputs import claim_output, folder_lock
+
+    inputs = gate_inputs(args, sources)  # before the claim: a bad file is named before --out is touched
+    with folder_lock(args.out, "gate"):
+        claim_output(args.out, "gate", inputs, overwrite=args.overwrite)
+        return gate(args, sources, rubrics, judge)
+
+
+def gate(args: argparse.Namespace, sources: dict, rubrics: Callable | None, judge: Callable | None) -> int:
+    """Responses of both policies, the verdicts by slice, the report (and gate.md / gate.json under --out)."""
+    from vrpo.data import load_prompts
+
+    items = load_prompts(args.data, gate_chat_template(args, sources))
     prompts, slices = [p["prompt"] for p in items], [p.get("slice", ALL) for p in items]
-    responses = {role: responses_for(getattr(args, role), items, args, role) for role in ("policy", "baseline")}
+    responses = {role: responses_for(sources[role], items, args, role) for role in ROLES}
     rows = gate_rows(prompts, slices, responses["policy"], responses["baseline"], rubrics=rubrics, judge=judge,
                      max_regression=args.max_regression, n_boot=args.bootstrap, seed=args.seed)
     failed = [r for r in rows if r["verdict"] == "FAIL"]
     settings = {"policy": args.policy, "baseline": args.baseline, "data": args.data, "rubrics": args.rubrics,
                 "judge": args.judge, "max_regression": args.max_regression, "bootstrap": args.bootstrap,
-                "seed": args.seed, "responses": {role: response_source(getattr(args, role), args) for role in
-                                                 ("policy", "baseline")}}
+                "seed": args.seed, "responses": {role: sources[role].describe(args.max_new_tokens) for role in ROLES}}
     print(format_report(rows, settings, full=not args.out))
     if args.out:
         from vrpo.provenance import atomic_write_json, atomic_write_text
@@ -111,6 +133,26 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(Path(args.out) / "gate.md", format_report(rows, settings, full=True) + "\n")
         print(f"\nwrote {Path(args.out) / 'gate.md'} (every slice and check) and gate.json")
     return 1 if failed else 0
+
+
+def gate_inputs(args: argparse.Namespace, sources: dict) -> dict:
+    """Everything that determines what ``--out`` holds (its reuse record): each policy's
+    responses file or model and tokenizer by fingerprint, the prompts, the rubric and judge
+    code (``aux_identity``: the file, module source or fit-aux folder behind the spec), the
+    thresholds and the bootstrap; ``--max-new-tokens`` only when a model generates."""
+    from vrpo.aux.base import aux_identity
+    from vrpo.data import tokenizer_identity
+    from vrpo.errors import check_readable
+    from vrpo.provenance import fingerprint_data
+
+    generates = any(src.kind == "model" for src in sources.values())
+    return {**{role: sources[role].identity() for role in ROLES},
+            "data": fingerprint_data(check_readable(args.data, "--data", "a prompts file")),
+            "rubrics": aux_identity(args.rubrics) if args.rubrics else None,
+            "judge": aux_identity(args.judge) if args.judge else None,
+            "max_regression": args.max_regression, "bootstrap": args.bootstrap, "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens if generates else None,
+            "tokenizer": tokenizer_identity(args.tokenizer)}
 
 
 RULES = {
@@ -183,46 +225,77 @@ def load_judge(spec: str) -> Callable:
 # --------------------------------------------------------------------------------------
 # Responses of the two policies
 # --------------------------------------------------------------------------------------
-def is_model_folder(folder: str | Path) -> bool:
-    path = Path(folder)
-    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
+ROLES = ("policy", "baseline")
 
 
-def gate_chat_template(args: argparse.Namespace):
+class ResponseSource:
+    """Where a policy's responses come from: an evaluation folder's ``responses.jsonl``
+    (``kind`` "responses"), or a model folder whose greedy responses are generated ("model")."""
+
+    def __init__(self, folder: Path, kind: str, flag: str):
+        self.folder, self.kind, self.flag = folder, kind, flag
+
+    @classmethod
+    def of(cls, folder: str, flag: str) -> "ResponseSource":
+        """The source behind ``--policy`` / ``--baseline``, or a one-line error. A model folder
+        must hold config.json and safetensors weights (``vrpo.sampling.check_model_folder``)."""
+        from vrpo.errors import UserError
+        from vrpo.sampling import check_model_folder
+
+        path = Path(folder)
+        if (path / RESPONSES).exists():
+            return cls(path, "responses", flag)
+        if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+            raise UserError(f"{flag} {folder}: a LoRA adapter without its base model; give the merged model folder "
+                            "(`vrpo train` writes it into its --out) or an evaluation folder with responses.jsonl")
+        if (path / "config.json").exists():
+            return cls(check_model_folder(path, flag), "model", flag)
+        raise UserError(f"{flag} {folder}: neither {RESPONSES} nor a model (config.json + *.safetensors) found")
+
+    def identity(self) -> dict:
+        """The fingerprints that decide this policy's responses (for the reuse record of --out)."""
+        from vrpo.provenance import file_sha256, fingerprint_model, fingerprint_tokenizer
+
+        if self.kind == "responses":
+            return {"responses": file_sha256(self.folder / RESPONSES)}
+        return {"model": fingerprint_model(self.folder), "tokenizer": fingerprint_tokenizer(self.folder)}
+
+    def describe(self, max_new_tokens: int) -> str:
+        if self.kind == "responses":
+            return f"read from {self.folder / RESPONSES}"
+        return f"generated greedily (T = 0, up to {max_new_tokens} new tokens) by the model in {self.folder}"
+
+
+def gate_chat_template(args: argparse.Namespace, sources: dict):
     """The chat template that renders message-list prompts: ``--tokenizer``, else the model
     folder given as policy or baseline (``vrpo.data.chat_template_source``)."""
     from vrpo.data import chat_template_source
 
     if args.tokenizer:
         return chat_template_source(tokenizer=args.tokenizer)
-    for role in ("policy", "baseline"):
-        folder = getattr(args, role)
-        if is_model_folder(folder) and not (Path(folder) / RESPONSES).exists():
-            return chat_template_source(tokenizer=folder, tokenizer_flag=f"--{role}")
+    for role in ROLES:
+        if sources[role].kind == "model":
+            return chat_template_source(tokenizer=str(sources[role].folder), tokenizer_flag=f"--{role}")
     return chat_template_source(tokenizer=None)
 
 
-def response_source(folder: str, args: argparse.Namespace) -> str:
-    if (Path(folder) / RESPONSES).exists():
-        return f"read from {Path(folder) / RESPONSES}"
-    return f"generated greedily (T = 0, up to {args.max_new_tokens} new tokens) by the model in {folder}"
-
-
-def responses_for(folder: str, prompts: list[dict], args: argparse.Namespace, role: str) -> list[str]:
-    """The folder's response to each prompt, in the order of ``prompts``."""
-    from vrpo.errors import UserError
-
-    path = Path(folder)
-    if (path / RESPONSES).exists():
-        return read_responses(path / RESPONSES, [p["prompt_id"] for p in prompts], f"--{role}")
-    if is_model_folder(path):
-        print(f"generating greedy responses (T = 0, up to {args.max_new_tokens} new tokens) of --{role} {folder} "
-              f"to {len(prompts)} prompts", flush=True)
-        texts = generate_responses(path, [p["prompt"] for p in prompts], args.max_new_tokens)
-        if args.out:
-            write_responses(Path(args.out) / f"responses-{role}.jsonl", prompts, texts)
-        return texts
-    raise UserError(f"--{role} {folder}: neither {RESPONSES} nor a model (config.json / adapter_config.json) found")
+def responses_for(source: ResponseSource, prompts: list[dict], args: argparse.Namespace, role: str) -> list[str]:
+    """The policy's response to each prompt, in the order of ``prompts``: read from its
+    evaluation folder, or from the responses generated into ``--out`` by an earlier run of
+    the same inputs, or generated now (and saved under ``--out``)."""
+    ids = [p["prompt_id"] for p in prompts]
+    if source.kind == "responses":
+        return read_responses(source.folder / RESPONSES, ids, source.flag)
+    saved = Path(args.out) / f"responses-{role}.jsonl" if args.out else None
+    if saved is not None and saved.exists():  # the same inputs made it (claim_output): resume
+        print(f"reading the greedy responses of {source.flag} generated by an earlier run: {saved}", flush=True)
+        return read_responses(saved, ids, source.flag)
+    print(f"generating greedy responses (T = 0, up to {args.max_new_tokens} new tokens) of {source.flag} "
+          f"{source.folder} to {len(prompts)} prompts", flush=True)
+    texts = generate_responses(source.folder, [p["prompt"] for p in prompts], args.max_new_tokens, what=source.flag)
+    if saved is not None:
+        write_responses(saved, prompts, texts)
+    return texts
 
 
 def read_responses(path: Path, prompt_ids: Sequence[str], flag: str) -> list[str]:
@@ -253,14 +326,15 @@ def write_responses(path: Path, prompts: list[dict], texts: Sequence[str], extra
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def generate_responses(model_dir: Path, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy responses of the model (or LoRA adapter) folder to each prompt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def generate_responses(model_dir: Path, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
+                       what: str = "--policy") -> list[str]:
+    """Greedy responses of the model folder to each prompt (loaded as every command loads a
+    model: local, safetensors only)."""
     from vrpo.evaluate import generate
+    from vrpo.sampling import load_model_and_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model, tokenizer = load_model_and_tokenizer(str(model_dir), what=what)
+    model.eval()
     return generate(model, tokenizer, list(prompts), temperature=0.0, max_new_tokens=max_new_tokens,
                     batch_size=batch_size)[2]
 

@@ -24,6 +24,7 @@ from typing import Sequence
 from vrpo.provenance import atomic_write_bytes
 
 SAMPLES_FILE = "samples.parquet"
+LOG_PROB_DTYPE = "float32"  # reference log-probs (sampling's re-scoring, training's reference pass)
 SHARD_DIR = "shards"
 
 
@@ -31,40 +32,45 @@ SHARD_DIR = "shards"
 # Exact sequence log-probs under a model (shared with training's reference cache)
 # --------------------------------------------------------------------------------------
 def sequence_logps_under(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                         pad_token_id: int, batch_size: int = 8) -> list[float]:
-    """log pi(y|x) summed over completion tokens, at temperature 1, one value per sequence."""
-    import torch
+                         pad_token_id: int, batch_size: int = 8, share_rows: Sequence | None = None, *,
+                         token_statistics: bool = False) -> list:
+    """log pi(y|x) summed over completion tokens, at temperature 1, one value per sequence, at
+    most ``batch_size`` sequences per forward pass, in the model's dtype (float32 as loaded by
+    ``load_model_and_tokenizer``); the LM head runs chunk by chunk (``vrpo.sequences``).
+    ``share_rows``: a key per sequence; sequences with the same key share one row (their
+    prompt computed once: the shared-prompt layout). ``token_statistics``: per sequence, the
+    tuple of ``vrpo.sequences.sequence_logps_with_token_statistics`` (the same value first, then
+    per-token log-probs, entropies and variances: the server engine's fidelity check)."""
+    from vrpo.sequences import logps_of_rows
 
-    from vrpo.data import sequence_batch
-    from vrpo.losses import sequence_logps
-
-    device = next(model.parameters()).device
-    out: list[float] = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(prompt_ids), batch_size):
-            batch = sequence_batch(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size],
-                                   pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out.extend(sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"]).tolist())
-    model.train(was_training)
-    return out
+    items = [(s, p, c) for s, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
+    if share_rows is None:
+        rows = [[item] for item in items]
+    else:
+        grouped: dict = {}
+        for key, item in zip(share_rows, items):
+            grouped.setdefault(key, []).append(item)
+        rows = list(grouped.values())
+    return logps_of_rows(model, rows, pad_token_id, batch_size, token_statistics=token_statistics)
 
 
 # --------------------------------------------------------------------------------------
 # Loading models safely
 # --------------------------------------------------------------------------------------
 def load_model_and_tokenizer(path: str, *, trust_remote_code: bool = False, what: str = "--model", dtype=None):
-    """A causal LM and its tokenizer from a local folder (safetensors only; no remote code unless asked)."""
+    """A causal LM and its tokenizer from a local folder (safetensors only; no remote code unless asked).
+
+    ``dtype``: of the weights, float32 unless given, whatever the checkpoint's (most ship in
+    bfloat16): training needs float32 master weights (``--bf16`` autocasts over them), and
+    reference log-probs are computed in float32 (``LOG_PROB_DTYPE``, stated in manifests)."""
     from transformers import AutoModelForCausalLM
 
     p = check_model_folder(path, what)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, what=what)
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    import torch
+
+    kwargs["dtype"] = torch.float32 if dtype is None else dtype
     model = AutoModelForCausalLM.from_pretrained(p, **kwargs)
     return model, tokenizer
 
@@ -147,6 +153,8 @@ def _generate(model, tokenizer, prompt_ids: list[list[int]], settings: dict, see
     import torch
     from transformers import GenerationConfig
 
+    from vrpo.data import completion_text
+
     K = settings["num_samples"]
     width = max(len(p) for p in prompt_ids)
     pad = tokenizer.pad_token_id
@@ -167,11 +175,8 @@ def _generate(model, tokenizer, prompt_ids: list[list[int]], settings: dict, see
     with torch.no_grad():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
     completions = out[:, width:].tolist()
-    texts, truncated = [], []
-    for seq in completions:
-        stop = seq.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in seq else len(seq)
-        truncated.append(stop == len(seq))  # hit max_new_tokens without EOS
-        texts.append(tokenizer.decode(seq[:stop], skip_special_tokens=True))
+    texts = [completion_text(tokenizer, seq) for seq in completions]
+    truncated = [tokenizer.eos_token_id not in seq for seq in completions]  # hit max_new_tokens without EOS
     return ([texts[i * K:(i + 1) * K] for i in range(len(prompt_ids))],
             [truncated[i * K:(i + 1) * K] for i in range(len(prompt_ids))])
 
@@ -324,7 +329,8 @@ def _sample_into(out_dir: Path, state, model_path: str, prompts_path: str, setti
     manifest = {"kind": "reference_samples", "model": str(model_path), "model_fingerprint": fingerprints["model"],
                 "tokenizer_fingerprint": fingerprints["tokenizer"], "prompts": str(prompts_path),
                 "prompts_fingerprint": fingerprints["prompts"], "num_prompts": len(items), "seed": seed,
-                "shard_size": shard_size, "tokenization": token_settings, "log_prob_temperature": 1.0, **settings,
+                "shard_size": shard_size, "tokenization": token_settings, "log_prob_temperature": 1.0,
+                "log_prob_dtype": LOG_PROB_DTYPE, **settings,
                 **(engine.manifest_fields() if engine is not None else {"engine": "hf"})}
     if state.is_main_process:
         write_manifest(out_dir, dict(manifest, complete=False))

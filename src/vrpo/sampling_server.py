@@ -54,7 +54,6 @@ from pathlib import Path
 from vrpo.errors import UserError, one_line
 
 TRANSIENT_HTTP = (408, 429, 500, 502, 503, 504)
-STEP_CHUNK = 256  # completion tokens per float64 softmax: 256 x a 128k vocabulary = 256 MB at a time
 FIDELITY_SUFFIX = ".fidelity.json"
 
 # When the server evidently runs another policy. The measurements behind each number are in
@@ -199,46 +198,15 @@ def request_body(dialect: str, served_model: str, prompt: str, settings: dict, s
 # Local scoring: exact sequence log-probs and per-token statistics in one forward pass
 # --------------------------------------------------------------------------------------
 def score_with_token_stats(model, prompt_ids: list[int], completion_ids: list[list[int]], pad_token_id: int):
-    """For the K completions of one prompt: log pi_ref(y|x) per completion (the batch and the
-    computation of ``vrpo.sampling.sequence_logps_under`` with batch size K, hence the same
-    numbers), and per completion token its log-prob, the entropy H_t of pi_ref at that step and
-    Var_t[log pi_ref] = E[(log p)^2] - H_t^2."""
-    import torch
+    """For the K completions of one prompt: log pi_ref(y|x) per completion (the call of the hf
+    engine, ``vrpo.sampling.sequence_logps_under`` with batch size K, hence the same numbers),
+    and per completion token its log-prob, the entropy H_t of pi_ref at that step and
+    Var_t[log pi_ref], from the same forward pass."""
+    from vrpo.sampling import sequence_logps_under
 
-    from vrpo.data import sequence_batch
-    from vrpo.losses import sequence_logps
-
-    device = next(model.parameters()).device
-    batch = sequence_batch([prompt_ids] * len(completion_ids), completion_ids, pad_token_id)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums = sequence_logps(logits.float(), batch["input_ids"], batch["completion_mask"]).tolist()
-        mask = batch["completion_mask"][:, 1:].bool()  # logits[:, t] predicts input_ids[:, t + 1]
-        rows, targets = logits[:, :-1][mask], batch["input_ids"][:, 1:][mask]  # [completion tokens, V], [tokens]
-        parts = [_step_statistics(rows[i:i + STEP_CHUNK], targets[i:i + STEP_CHUNK])
-                 for i in range(0, len(targets), STEP_CHUNK)]
-        token, entropy, variance = (torch.cat(x) for x in zip(*parts)) if parts else (targets.double(),) * 3
-    model.train(was_training)
-    stats, start = [], 0
-    for c in completion_ids:  # rows of the masked selection come sample by sample, in order
-        end = start + len(c)
-        stats.append((token[start:end].tolist(), entropy[start:end].tolist(), variance[start:end].tolist()))
-        start = end
-    return sums, stats
-
-
-def _step_statistics(logits, targets):
-    """log p(target), entropy H and Var[log p] of each row's softmax (float64, one chunk of rows)."""
-    import torch
-
-    logp = torch.log_softmax(logits.double(), -1)
-    p = logp.exp()
-    entropy = -(p * logp).sum(-1)
-    variance = ((p * logp * logp).sum(-1) - entropy ** 2).clamp_min(0.0)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy, variance
+    scored = sequence_logps_under(model, [prompt_ids] * len(completion_ids), completion_ids, pad_token_id,
+                                  len(completion_ids), token_statistics=True)
+    return [s[0] for s in scored], [s[1:] for s in scored]
 
 
 # --------------------------------------------------------------------------------------

@@ -63,9 +63,16 @@ class AuxModel:
         return 0.5 * (p_ab + 1.0 - p_ba)
 
 
-def check_pairs(prompts, responses_a, responses_b, labels=None, source: str = "fit") -> None:
-    """One-line ValueErrors for bad labelled pairs: unequal lengths, a missing or empty text
-    (naming the row), labels missing, outside [0, 1] or NaN."""
+def check_pairs(prompts, responses_a, responses_b, labels=None, source: str = "fit", *,
+                allow_empty_responses: bool = False) -> None:
+    """One-line ValueErrors for bad pairs: unequal lengths, a text that is not a string or an
+    empty response (naming the row), labels missing, outside [0, 1] or NaN.
+
+    Fitting refuses an empty labelled response (a broken row, far more often than a real
+    answer someone judged). Prediction passes ``allow_empty_responses=True``: a reference
+    sample may be empty when pi_ref drew the end-of-sequence token first, a legitimate
+    draw that the control variate must score like any other (an embedding model embeds
+    "" as it embeds any text)."""
     n = len(prompts)
     lengths = {"responses_a": len(responses_a), "responses_b": len(responses_b)}
     if labels is not None:
@@ -75,8 +82,9 @@ def check_pairs(prompts, responses_a, responses_b, labels=None, source: str = "f
             raise ValueError(f"{source}: {name} has {m} rows but prompts has {n}; expected one per pair")
     for name, texts in (("prompt", prompts), ("response_a", responses_a), ("response_b", responses_b)):
         for i, t in enumerate(texts):
-            if not isinstance(t, str) or (name != "prompt" and not t.strip()):
-                raise ValueError(f"{source}: row {i}: {name} is {t!r}; expected a non-empty string")
+            if not isinstance(t, str) or (name != "prompt" and not allow_empty_responses and not t.strip()):
+                expected = "a string" if allow_empty_responses else "a non-empty string"
+                raise ValueError(f"{source}: row {i}: {name} is {t!r}; expected {expected}")
     if labels is not None:
         y = np.asarray(labels, dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(y) | (y < 0) | (y > 1))
@@ -221,10 +229,11 @@ def _import_user_module(spec: str, mod_name: str, flag: str = "--aux"):
 
 
 def aux_identity(spec: str) -> dict:
-    """What ``--aux SPEC`` names, for an output folder's reuse record: the spec and a
-    fingerprint of the code or model behind it (a file's bytes, a module's source file, a
-    ``vrpo fit-aux`` folder's weights, settings and out-of-fold predictions). A column is
-    named by the spec alone: the data's own fingerprint covers it."""
+    """What ``--aux SPEC`` (or ``vrpo gate``'s ``--rubrics`` / ``--judge``) names, for an output
+    folder's reuse record: the spec and a fingerprint of the code or model behind it (a
+    file's bytes, a module's source file, a ``vrpo fit-aux`` folder's weights, settings and
+    out-of-fold predictions). A column is named by the spec alone: the data's own
+    fingerprint covers it."""
     from vrpo.provenance import fingerprint_files
 
     if spec.startswith("column:"):

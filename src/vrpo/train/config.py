@@ -78,6 +78,12 @@ class TrainingSettings:
     # should differ by the text only, not by dropout noise
     disable_dropout: bool = True
     training_args: dict = field(default_factory=dict)  # any other TrainingArguments (deepspeed, fsdp, ...)
+    # the cost of a step (docs/cost.md); the loss and gradients are the same whatever these are
+    sequences_per_pass: Optional[int] = None  # at most N sequences per forward/backward (the exact two-pass
+    #   step: memory set by N, not by the batch's B (2 + K)); None: the whole batch in one pass (fastest when it fits)
+    share_prompt: bool = False  # each prompt once per row, followed by its 2 + K completions (a block mask):
+    #   faster for long prompts; off by default, since with short prompts the longer row costs more (docs/cost.md)
+    bf16: bool = False  # autocast to bfloat16 over float32 master weights (CPU and CUDA)
     # provenance and safety
     allow_reference_mismatch: bool = False
     trust_remote_code: bool = False
@@ -104,7 +110,7 @@ class TrainingSettings:
         raise NotImplementedError
 
     def _engine_settings(self) -> dict[str, Any]:
-        """TrainingArguments that only a subclass has (``bf16``, ``data_seed``)."""
+        """TrainingArguments that only a subclass has (``data_seed``)."""
         return {}
 
     def training_arguments(self, output_dir: str | Path):
@@ -119,7 +125,7 @@ class TrainingSettings:
             gradient_accumulation_steps=self.gradient_accumulation_steps, warmup_steps=self.warmup_steps,
             weight_decay=self.weight_decay, lr_scheduler_type=self.lr_scheduler_type, seed=self.seed,
             logging_steps=self.logging_steps, save_strategy="steps", save_steps=self.save_steps,
-            save_total_limit=self.save_total_limit, report_to=list(self.report_to),
+            save_total_limit=self.save_total_limit, report_to=list(self.report_to), bf16=self.bf16,
             remove_unused_columns=False,  # the collator's features are ours, not the model's inputs
             **self._engine_settings())
         values.update(engine_device_defaults())
@@ -168,8 +174,6 @@ class VRPOConfig(TrainingSettings):
     beta: float = 0.1  # r = beta * (log pi - log pi_ref); 0.1 as in DPO and the paper
     label_smoothing: float = 0.1  # cDPO's epsilon
     flip_rate: float = 0.1  # rDPO's label-flip rate
-    # optimisation, continued
-    bf16: bool = False
     # LoRA (peft): lora_r > 0 turns it on
     lora_r: int = 0
     lora_alpha: int = 16
@@ -178,9 +182,6 @@ class VRPOConfig(TrainingSettings):
     # reference log-probs
     ref_batch_size: int = 8
     cache_dir: Optional[str] = None  # default: OUT/cache
-
-    def _engine_settings(self) -> dict[str, Any]:
-        return {"bf16": self.bf16}
 
     def _method_registry(self) -> dict:
         from vrpo.train.methods import METHODS
@@ -224,6 +225,7 @@ _DATA, _OBJECTIVE, _TOKENS, _OPTIM, _LOGS, _LORA, _REF, _SAFETY = (
     "data and models", "objective", "tokenisation (vrpo.data.tokenize_completions)",
     "optimisation (transformers.TrainingArguments)", "logging and checkpoints (do not change the result)",
     "LoRA (peft; --lora-r > 0 turns it on)", "reference log-probs", "provenance and safety")
+_COST = "the cost of a step (docs/cost.md)"
 
 
 def _base_losses() -> tuple:
@@ -270,7 +272,6 @@ SETTINGS: dict[str, Setting] = {
     "lr_scheduler_type": Setting(str, "transformers scheduler: linear, cosine, constant, "
                                  "constant_with_warmup, polynomial, ...", _OPTIM),
     "seed": Setting(SEED, "seed of initialisation, data order and dropout", _OPTIM),
-    "bf16": Setting(bool, "bfloat16 mixed precision (TrainingArguments bf16)", _OPTIM),
     "disable_dropout": Setting(bool, "no dropout in the trained model: the policy's log-probs are then as "
                                "deterministic as the reference's, a reward model's pair differs by text only", _OPTIM),
     "training_args": Setting(json_object, "JSON object of further transformers.TrainingArguments (deepspeed, fsdp, "
@@ -283,6 +284,12 @@ SETTINGS: dict[str, Setting] = {
     "lora_alpha": Setting(POSITIVE_INT, "LoRA scaling alpha", _LORA),
     "lora_dropout": Setting(RATE_BELOW_ONE, "dropout on the LoRA branch", _LORA),
     "lora_target_modules": Setting(list, "module names to adapt (default: peft's all-linear)", _LORA),
+    "sequences_per_pass": Setting(POSITIVE_INT, "at most N sequences per forward/backward pass: the exact two-pass "
+                                  "step, memory set by N instead of the batch's B(2+K) sequences, for one more forward "
+                                  "pass (default: the whole batch in one pass)", _COST),
+    "share_prompt": Setting(bool, "each prompt once per row followed by its 2+K completions (a block attention "
+                            "mask): faster for prompts as long as the completions or longer", _COST),
+    "bf16": Setting(bool, "bfloat16 autocast over float32 master weights (CPU and CUDA)", _COST),
     "ref_batch_size": Setting(POSITIVE_INT, "sequences per forward pass of the one reference log-prob pass", _REF),
     "cache_dir": Setting(str, "where the reference log-probs are cached (default: OUT/cache)", _LOGS),
     "allow_reference_mismatch": Setting(bool, "train although samples/pairs were not drawn from this reference "
@@ -292,7 +299,10 @@ SETTINGS: dict[str, Setting] = {
 
 # settings that cannot change what a run computes: left out of the reuse record of OUT, so a
 # killed run can be resumed with other values (more logging, another cache folder)
-NOT_RESULT_SETTINGS = frozenset({"out", "logging_steps", "save_steps", "save_total_limit", "report_to", "cache_dir"})
+NOT_RESULT_SETTINGS = frozenset({"out", "logging_steps", "save_steps", "save_total_limit", "report_to", "cache_dir",
+                                 # the same loss and gradients to float rounding (docs/cost.md): a run that ran
+                                 # out of memory resumes with --sequences-per-pass
+                                 "sequences_per_pass", "share_prompt"})
 
 
 def flag_name(name: str) -> str:

@@ -9,8 +9,9 @@ prompt + response is r(x, y). With margins z = r(x, a) - r(x, b) (METHOD.md):
 
 Unlike DPO no reference log-probs are needed: the reward is the head's output itself. The
 chosen, rejected and K reference responses of every prompt go through the model in one
-forward pass; the tokenisation is :func:`vrpo.data.tokenize_completions`, the one every
-stage shares (the policy stage scores with the same settings, read from this run's
+forward pass (or two with ``sequences_per_pass``; with ``share_prompt`` the prompt once and
+the score read at each completion's last token); the tokenisation is
+:func:`vrpo.data.tokenize_completions`, the one every stage shares (the policy stage scores with the same settings, read from this run's
 config.yaml).
 """
 from __future__ import annotations
@@ -156,42 +157,45 @@ def unpack_rewards(rewards, batch_size: int, k: int | None):
 # --------------------------------------------------------------------------------------
 def _trainer_class():
     import torch
-    from transformers import Trainer
 
-    class RewardModelTrainer(Trainer):
-        """``transformers.Trainer`` whose loss is the ``train-rm --method`` adapter on packed batches."""
+    from vrpo.sequences import sequence_scores
+    from vrpo.train.trainer import SequenceLossTrainer
+
+    class RewardModelTrainer(SequenceLossTrainer):
+        """``transformers.Trainer`` whose loss is the ``train-rm --method`` adapter on packed batches
+        (the step of ``vrpo.train.trainer.SequenceLossTrainer``: one pass, or two with
+        ``sequences_per_pass``)."""
 
         def __init__(self, *args, rm_config: RewardModelConfig, num_ref_samples: int | None, **kwargs):
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, sequences_per_pass=rm_config.sequences_per_pass, **kwargs)
             self.rm_config, self.num_ref_samples = rm_config, num_ref_samples
             self.method = rm_method(rm_config.method)
-            # our loss is a per-example mean: the Trainer must scale it for gradient accumulation
-            self.model_accepts_loss_kwargs = False
-            self._pending: dict[str, list[float]] = {}
+            if rm_config.share_prompt and self.train_dataset is not None and len(self.train_dataset):
+                self.check_shared_prompt(sequence_scores)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0]
-            b = inputs["input_ids"].shape[0] // (2 + (self.num_ref_samples or 0))
+        def sequence_values(self, model, chunk: dict):
+            return sequence_scores(model, chunk)
+
+        def loss_from_values(self, rewards, inputs: dict):
+            b = rewards.shape[0] // (2 + (self.num_ref_samples or 0))
             r = unpack_rewards(rewards, b, self.num_ref_samples)
             per_example, extra = self.method.loss(r, inputs, self.rm_config)
-            loss = per_example.mean()
             self._record(r, extra)
-            return (loss, {"rewards_chosen": r.chosen, "rewards_rejected": r.rejected}) if return_outputs else loss
+            return per_example.mean(), {"rewards_chosen": r.chosen, "rewards_rejected": r.rejected}
 
         def _record(self, r, extra: dict) -> None:
             # the metric names TRL users know, averaged over the steps between two log lines
+            # (each a mean over the micro-batch, then over all processes under DDP)
             with torch.no_grad():
                 margin = r.chosen - r.rejected
                 values = {"rewards/chosen": r.chosen.mean(), "rewards/rejected": r.rejected.mean(),
-                          "rewards/margins": margin.mean(), "rewards/accuracies": (margin > 0).float().mean(), **extra}
-                for name, v in values.items():  # averaged over all processes under DDP
-                    v = self.accelerator.gather_for_metrics(v.detach().float().reshape(-1))
-                    self._pending.setdefault(name, []).append(v.mean().item())
+                          "rewards/margins": margin.mean(), "rewards/accuracies": (margin > 0).float().mean(),
+                          **extra}
+                self._record_metrics(values)
 
         def log(self, logs: dict, *args, **kwargs) -> None:
             if "loss" in logs:  # a training log line: attach the averages since the last one
-                logs.update({k: sum(v) / len(v) for k, v in self._pending.items() if v})
-                self._pending.clear()
+                logs.update(self._pop_metric_averages())
             super().log(logs, *args, **kwargs)
 
     return RewardModelTrainer
@@ -210,8 +214,8 @@ def _build_model(cfg: RewardModelConfig, tokenizer=None):
 
     tokenizer = tokenizer or _load_tokenizer(cfg)
     set_seed(cfg.seed)  # the fresh scalar head is drawn from the global RNG: seed it, or runs differ
-    model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.model, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(  # float32 master weights (--bf16: autocast)
+        cfg.model, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.disable_dropout:
         for module in model.modules():
@@ -280,7 +284,8 @@ def _train_reward_model_into(cfg: RewardModelConfig, out: Path, callbacks: Seque
 
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=features, processing_class=tokenizer,
-        data_collator=PreferenceCollator(tokenizer.pad_token_id, with_reference=k is not None),
+        data_collator=PreferenceCollator(tokenizer.pad_token_id, with_reference=k is not None,
+                                         share_prompt=cfg.share_prompt),
         callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), *callbacks], rm_config=cfg, num_ref_samples=k,
     )
     ckpt = resume_point(out / "checkpoints", True, out / "metrics.jsonl", main_process=main)

@@ -140,7 +140,8 @@ def prepare(cfg: VRPOConfig, targs) -> dict:
     with targs.main_process_first(local=False, desc="reference log-probs"):
         features, ref_info = attach_reference_logps(
             features, ref_path, ref_fp, tokenizer.pad_token_id, cfg.cache_dir or Path(cfg.out) / "cache",
-            cfg.ref_batch_size, cfg.trust_remote_code, device=targs.device)  # the GPU when training on one
+            cfg.ref_batch_size, cfg.trust_remote_code, device=targs.device,  # the GPU when training on one
+            share_prompt=cfg.share_prompt)
     err = ref_info["stored_sample_logp_error"]
     if err is not None and err > SAMPLE_LOGP_TOLERANCE:
         msg = (f"stored reference log-probs of the samples differ from the reference model's by {err:.3g} nats "
@@ -189,7 +190,7 @@ def build_trainer(cfg: VRPOConfig, targs, prep: dict, callbacks: Sequence = ()):
     from vrpo.train.trainer import MetricsJsonlCallback, VRPOTrainer
 
     method = METHODS[cfg.method]
-    model, _ = load_model_and_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model, _ = load_model_and_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)  # float32 master weights
     if cfg.disable_dropout:
         _disable_dropout(model)
     if cfg.lora_r > 0:
@@ -197,7 +198,7 @@ def build_trainer(cfg: VRPOConfig, targs, prep: dict, callbacks: Sequence = ()):
     tokenizer = prep["tokenizer"]
     return VRPOTrainer(
         model=model, args=targs, train_dataset=Dataset.from_list(prep["features"]),
-        data_collator=PreferenceCollator(tokenizer.pad_token_id, method.needs_reference_samples),
+        data_collator=PreferenceCollator(tokenizer.pad_token_id, method.needs_reference_samples, cfg.share_prompt),
         processing_class=tokenizer, callbacks=[MetricsJsonlCallback(Path(cfg.out) / "metrics.jsonl"), *callbacks],
         method=method, vrpo_config=cfg)
 

@@ -243,7 +243,8 @@ class Workflow:
         """Would we deploy ``name`` in place of pi_ref? (exit 1 = blocked)."""
         argv = ["gate", "--policy", self.path("eval", name), "--baseline", self.path("eval", REFERENCE),
                 "--data", self.path("prompts", "eval.jsonl"), "--rubrics", PANEL_RUBRICS, "--judge", PANEL_JUDGE,
-                "--max-regression", str(self.max_regression), "--seed", str(self.seed), "--out", self.path("gate", name)]
+                "--max-regression", str(self.max_regression), "--seed", str(self.seed), "--out", self.path("gate", name),
+                "--overwrite"]  # the gate runs again every time, with this run's --max-regression
         code = self.run(*argv, ok_codes=(0, 1))  # 1: the gate failed the policy, a result, not an error
         report = json.loads(Path(self.path("gate", name, "gate.json")).read_text())
         self.bar.write(f"  gate {name} vs {REFERENCE}: {'PASSED' if code == 0 else 'FAILED'}: {report['reason']}")
