@@ -123,6 +123,44 @@ def test_unreachable_server_and_unknown_model_are_one_line_errors():
         listing.close()
 
 
+def _cli_errors(argv, capsys) -> str:
+    """`vrpo ARGV` must fail as a user error: exit status 2 and one line on stderr (after any
+    progress bar of the work done before), returned."""
+    from vrpo.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("vrpo sample: error: ") == 1, err[-2000:]
+    line = err[err.index("vrpo sample: error: "):].rstrip("\n")
+    assert "\n" not in line and "Traceback" not in err, err[-2000:]
+    return line
+
+
+def test_cli_user_errors_of_the_server_engine_are_one_line_with_exit_status_2(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "The movie was"}) + "\n")
+    base = ["sample", "--engine", "openai", "--model", str(tiny_model_dir()), "--prompts", str(prompts),
+            "--num-samples", "2", "--max-new-tokens", "4"]
+    capsys.readouterr()  # the tiny model's first build prints progress
+    unreachable = f"http://127.0.0.1:{free_port()}/v1"
+    line = _cli_errors(base + ["--base-url", unreachable, "--served-model", "ref", "--out", str(tmp_path / "a")],
+                       capsys)
+    assert f"--base-url {unreachable}: cannot reach the server" in line and "start it first" in line
+    assert not (tmp_path / "a").exists()  # refused before anything was claimed or loaded
+    listing = _FlakyServer(failures=0, status=200)  # a server whose /v1/models lists 'ref' only
+    try:
+        line = _cli_errors(base + ["--base-url", listing.base_url, "--served-model", "my-model", "--out",
+                                   str(tmp_path / "b")], capsys)
+        assert "--served-model 'my-model': the server at" in line and "serves ['ref']" in line
+    finally:
+        listing.close()
+    line = _cli_errors(base + ["--served-model", "ref", "--out", str(tmp_path / "c")], capsys)
+    assert "--engine openai: needs --base-url" in line
+    line = _cli_errors(base[:2] + ["hf"] + base[3:] + ["--base-url", unreachable, "--out", str(tmp_path / "d")],
+                       capsys)
+    assert "--base-url: only with --engine openai" in line
+
+
 def test_engine_flags_are_checked_together():
     from vrpo.sampling_server import make_engine
 
@@ -383,15 +421,17 @@ def test_a_killed_server_run_resumes_to_the_same_table(server, smollm2, chat_pro
 @needs_server
 @pytest.mark.slow
 @pytest.mark.xdist_group("llama_cpp_server")  # one server per test process: `make test` runs --dist loadgroup
-def test_refused_when_the_server_serves_another_checkpoint(server, smollm2, chat_prompts, tmp_path):
+def test_refused_when_the_server_serves_another_checkpoint(server, smollm2, chat_prompts, tmp_path, capsys):
     from vrpo.provenance import check_reference, fingerprint_model, fingerprint_tokenizer, read_manifest
     from vrpo.testing_server import perturbed_copy
 
     # the local reference is another checkpoint of the same family than the one the server runs
     other = perturbed_copy(smollm2[0], tmp_path / "other-checkpoint", relative_noise=0.1)
-    with pytest.raises(UserError, match=r"the server does not sample the reference model: .*nats per token") as err:
-        _sample_through(server.base_url, other, chat_prompts, tmp_path / "refused")
-    assert "\n" not in str(err.value) and (tmp_path / "refused" / "shards" / "shard-00000.parquet").exists()
+    capsys.readouterr()
+    line = _cli_errors(_sample_cli(server.base_url, other, chat_prompts, tmp_path / "refused")[3:], capsys)
+    assert "the server does not sample the reference model: " in line and "nats per token" in line
+    assert "pass --allow-reference-mismatch" in line
+    assert (tmp_path / "refused" / "shards" / "shard-00000.parquet").exists()  # finished shards are kept
     # overriding it resumes the kept shards, and the samples are marked: `vrpo train` refuses or records them
     _sample_through(server.base_url, other, chat_prompts, tmp_path / "refused", allow_reference_mismatch=True)
     m = read_manifest(tmp_path / "refused")

@@ -282,11 +282,12 @@ def sample_references(model_path: str, prompts_path: str, out: str, *, num_sampl
     settings = generation_settings(num_samples, max_new_tokens, temperature, top_p, top_k)
     token_settings = {"max_length": max_prompt_length + max_new_tokens + 1, "max_prompt_length": max_prompt_length,
                       "prompt_truncation": prompt_truncation}
+    if engine is not None:
+        engine.connect()  # an unreachable server is an error before the model is hashed or loaded
     inputs = sample_inputs(model_path, prompts_path, settings, token_settings, seed=seed, shard_size=shard_size,
                            batch_size=batch_size, max_prompts=max_prompts)
     if engine is not None:
         inputs["engine"] = engine.name  # a folder drawn by one engine is not resumed by the other
-        engine.connect()  # an unreachable server is an error before the model loads
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes (gloo) when there is no GPU
     out_dir = Path(out)
     # one writer per folder: a second `vrpo sample` into it is refused while this one runs
