@@ -27,10 +27,10 @@ demo: $(STAMP)
 	$(PY) -m vrpo demo
 
 test: $(SERVE_STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 -rs tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not slow" tests
+	$(PY) -m pytest -n 2 -m "not slow" -rs tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/losses.py
