@@ -342,18 +342,19 @@ def _sample_into(out_dir: Path, state, model_path: str, prompts_path: str, setti
     todo = [s for s in mine if not (out_dir / SHARD_DIR / f"shard-{s:05d}.parquet").exists()]
     bar = tqdm(total=sum(len(shards[s]) for s in mine), initial=sum(len(shards[s]) for s in mine if s not in todo),
                desc=f"sampling K={settings['num_samples']}", unit="prompt", disable=not state.is_local_main_process)
-    for s in todo:
-        path = out_dir / SHARD_DIR / f"shard-{s:05d}.parquet"
-        if engine is None:
-            rows = sample_shard(model, tokenizer, shards[s], settings, seed * 100_003 + s, batch_size, token_settings)
-        else:
-            rows = engine.sample_shard(model, tokenizer, shards[s], settings, seed * 100_003 + s, batch_size,
-                                       token_settings, path)
-        write_parquet(path, rows)
-        if engine is not None:
-            engine.check(path.parent, settings)  # refuse as soon as the server evidently samples another policy
-        bar.update(len(shards[s]))
-    bar.close()
+    with bar:  # closed (its line ended) before any error is printed
+        for s in todo:
+            path = out_dir / SHARD_DIR / f"shard-{s:05d}.parquet"
+            if engine is None:
+                rows = sample_shard(model, tokenizer, shards[s], settings, seed * 100_003 + s, batch_size,
+                                    token_settings)
+            else:
+                rows = engine.sample_shard(model, tokenizer, shards[s], settings, seed * 100_003 + s, batch_size,
+                                           token_settings, path)
+            write_parquet(path, rows)
+            if engine is not None:
+                engine.check(path.parent, settings)  # refuse as soon as the server evidently samples another policy
+            bar.update(len(shards[s]))
     state.wait_for_everyone()
     if state.is_main_process:
         if engine is not None:
