@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 
 .PHONY: demo test test-fast bench clean-venv
 
@@ -16,14 +17,20 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# llama.cpp's OpenAI-compatible server, for the server-engine tests: compiled from source (minutes,
+# once per machine: pip keeps the built wheel in ~/.cache/pip). -c keeps every pin of requirements.txt.
+$(SERVE_STAMP): $(STAMP) requirements-serve.txt
+	$(PY) -m pip install --quiet -c requirements.txt -r requirements-serve.txt
+	touch $(SERVE_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m vrpo demo
 
-test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15 tests
+test: $(SERVE_STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 -rs tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not slow" tests
+	$(PY) -m pytest -n 2 -m "not slow" -rs tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/losses.py

@@ -69,6 +69,9 @@ EXTRA_COMMANDS: dict[str, list[list[str]]] = {
     "experiments": [["vrpo", "reproduce", "imdb", "--preset", "micro", "--out", "imdb"]],
     "test": [["pytest", "-q", "-p", "no:cacheprovider", "{root}/tests/test_losses.py",
               "{root}/tests/test_train_parity.py"]],
+    # llama.cpp's server with every module it imports (a source build: `make test` has already put the
+    # wheel of requirements-serve.txt in pip's cache, which this install reuses)
+    "serve": [["llama_cpp.server", "--help"]],
 }
 # the core install's own commands (the quickstart), which also make the inputs above
 CORE_COMMANDS = [
@@ -97,6 +100,15 @@ def clean_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(OFFLINE)
     return env
+
+
+def serve_pins(extra: str) -> list[str]:
+    """The serve extra's llama-cpp-python at the version of requirements-serve.txt: the one whose
+    wheel `make test` built and pip cached (a newer release would compile from source again)."""
+    if extra != "serve":
+        return []
+    lines = (ROOT / "requirements-serve.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def site_packages(python: Path) -> str:
@@ -138,7 +150,7 @@ def test_each_extra_installs_and_runs_its_commands_offline(tmp_path):
         core = new_env(tmp_path / "core", [pinned_torch(), str(wheel)])
         run_commands(core, CORE_COMMANDS, work, "core")
         for extra, commands in EXTRA_COMMANDS.items():
-            python = new_env(tmp_path / extra, [f"{wheel}[{extra}]"], on_top_of=tmp_path / "core")
+            python = new_env(tmp_path / extra, [f"{wheel}[{extra}]", *serve_pins(extra)], on_top_of=tmp_path / "core")
             run_commands(python, commands, work, extra)
             shutil.rmtree(tmp_path / extra)
         new_env(tmp_path / "all", [f"{wheel}[all]"], on_top_of=tmp_path / "core")  # resolves: the union

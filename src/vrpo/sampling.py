@@ -32,12 +32,15 @@ SHARD_DIR = "shards"
 # Exact sequence log-probs under a model (shared with training's reference cache)
 # --------------------------------------------------------------------------------------
 def sequence_logps_under(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                         pad_token_id: int, batch_size: int = 8, share_rows: Sequence | None = None) -> list[float]:
+                         pad_token_id: int, batch_size: int = 8, share_rows: Sequence | None = None, *,
+                         token_statistics: bool = False) -> list:
     """log pi(y|x) summed over completion tokens, at temperature 1, one value per sequence, at
     most ``batch_size`` sequences per forward pass, in the model's dtype (float32 as loaded by
     ``load_model_and_tokenizer``); the LM head runs chunk by chunk (``vrpo.sequences``).
     ``share_rows``: a key per sequence; sequences with the same key share one row (their
-    prompt computed once: the shared-prompt layout)."""
+    prompt computed once: the shared-prompt layout). ``token_statistics``: per sequence, the
+    tuple of ``vrpo.sequences.sequence_logps_with_token_statistics`` (the same value first, then
+    per-token log-probs, entropies and variances: the server engine's fidelity check)."""
     from vrpo.sequences import logps_of_rows
 
     items = [(s, p, c) for s, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
@@ -48,7 +51,7 @@ def sequence_logps_under(model, prompt_ids: Sequence[Sequence[int]], completion_
         for key, item in zip(share_rows, items):
             grouped.setdefault(key, []).append(item)
         rows = list(grouped.values())
-    return logps_of_rows(model, rows, pad_token_id, batch_size)
+    return logps_of_rows(model, rows, pad_token_id, batch_size, token_statistics=token_statistics)
 
 
 # --------------------------------------------------------------------------------------
@@ -150,6 +153,8 @@ def _generate(model, tokenizer, prompt_ids: list[list[int]], settings: dict, see
     import torch
     from transformers import GenerationConfig
 
+    from vrpo.data import completion_text
+
     K = settings["num_samples"]
     width = max(len(p) for p in prompt_ids)
     pad = tokenizer.pad_token_id
@@ -170,11 +175,8 @@ def _generate(model, tokenizer, prompt_ids: list[list[int]], settings: dict, see
     with torch.no_grad():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
     completions = out[:, width:].tolist()
-    texts, truncated = [], []
-    for seq in completions:
-        stop = seq.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in seq else len(seq)
-        truncated.append(stop == len(seq))  # hit max_new_tokens without EOS
-        texts.append(tokenizer.decode(seq[:stop], skip_special_tokens=True))
+    texts = [completion_text(tokenizer, seq) for seq in completions]
+    truncated = [tokenizer.eos_token_id not in seq for seq in completions]  # hit max_new_tokens without EOS
     return ([texts[i * K:(i + 1) * K] for i in range(len(prompt_ids))],
             [truncated[i * K:(i + 1) * K] for i in range(len(prompt_ids))])
 
@@ -261,9 +263,11 @@ def sample_references(model_path: str, prompts_path: str, out: str, *, num_sampl
                       batch_size: int = 8, seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                       max_prompt_length: int = 256, prompt_truncation: str = "error", shard_size: int = 64,
                       max_prompts: int | None = None, trust_remote_code: bool = False,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, engine=None) -> Path:
     """Draw ``num_samples`` reference samples per prompt into ``out`` (resumed when ``out`` was
-    made from the same inputs, refused when from others unless ``overwrite``); return the table's path."""
+    made from the same inputs, refused when from others unless ``overwrite``); return the table's path.
+    ``engine``: None draws with ``model.generate``; a ``vrpo.sampling_server.ServerEngine`` draws
+    from a server (the local model still scores every sample)."""
     import contextlib
 
     import torch
@@ -278,8 +282,12 @@ def sample_references(model_path: str, prompts_path: str, out: str, *, num_sampl
     settings = generation_settings(num_samples, max_new_tokens, temperature, top_p, top_k)
     token_settings = {"max_length": max_prompt_length + max_new_tokens + 1, "max_prompt_length": max_prompt_length,
                       "prompt_truncation": prompt_truncation}
+    if engine is not None:
+        engine.connect()  # an unreachable server is an error before the model is hashed or loaded
     inputs = sample_inputs(model_path, prompts_path, settings, token_settings, seed=seed, shard_size=shard_size,
                            batch_size=batch_size, max_prompts=max_prompts)
+    if engine is not None:
+        inputs["engine"] = engine.name  # a folder drawn by one engine is not resumed by the other
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes (gloo) when there is no GPU
     out_dir = Path(out)
     # one writer per folder: a second `vrpo sample` into it is refused while this one runs
@@ -287,7 +295,7 @@ def sample_references(model_path: str, prompts_path: str, out: str, *, num_sampl
         claim_output(out_dir, "sample", inputs, overwrite=overwrite, main_process=state.is_main_process)
         return _sample_into(out_dir, state, model_path, prompts_path, settings, token_settings, seed=seed,
                             batch_size=batch_size, shard_size=shard_size, max_prompts=max_prompts,
-                            trust_remote_code=trust_remote_code, fingerprints=inputs)
+                            trust_remote_code=trust_remote_code, fingerprints=inputs, engine=engine)
 
 
 def check_sampling_arguments(**values) -> None:
@@ -308,7 +316,7 @@ def check_sampling_arguments(**values) -> None:
 
 def _sample_into(out_dir: Path, state, model_path: str, prompts_path: str, settings: dict, token_settings: dict, *,
                  seed: int, batch_size: int, shard_size: int, max_prompts: int | None, trust_remote_code: bool,
-                 fingerprints: dict) -> Path:
+                 fingerprints: dict, engine=None) -> Path:
     from tqdm.auto import tqdm
 
     from vrpo.data import load_prompts
@@ -323,7 +331,8 @@ def _sample_into(out_dir: Path, state, model_path: str, prompts_path: str, setti
                 "tokenizer_fingerprint": fingerprints["tokenizer"], "prompts": str(prompts_path),
                 "prompts_fingerprint": fingerprints["prompts"], "num_prompts": len(items), "seed": seed,
                 "shard_size": shard_size, "tokenization": token_settings, "log_prob_temperature": 1.0,
-                "log_prob_dtype": LOG_PROB_DTYPE, **settings}
+                "log_prob_dtype": LOG_PROB_DTYPE, **settings,
+                **(engine.manifest_fields() if engine is not None else {"engine": "hf"})}
     if state.is_main_process:
         write_manifest(out_dir, dict(manifest, complete=False))
     state.wait_for_everyone()
@@ -333,13 +342,23 @@ def _sample_into(out_dir: Path, state, model_path: str, prompts_path: str, setti
     todo = [s for s in mine if not (out_dir / SHARD_DIR / f"shard-{s:05d}.parquet").exists()]
     bar = tqdm(total=sum(len(shards[s]) for s in mine), initial=sum(len(shards[s]) for s in mine if s not in todo),
                desc=f"sampling K={settings['num_samples']}", unit="prompt", disable=not state.is_local_main_process)
-    for s in todo:
-        rows = sample_shard(model, tokenizer, shards[s], settings, seed * 100_003 + s, batch_size, token_settings)
-        write_parquet(out_dir / SHARD_DIR / f"shard-{s:05d}.parquet", rows)
-        bar.update(len(shards[s]))
-    bar.close()
+    with bar:  # closed (its line ended) before any error is printed
+        for s in todo:
+            path = out_dir / SHARD_DIR / f"shard-{s:05d}.parquet"
+            if engine is None:
+                rows = sample_shard(model, tokenizer, shards[s], settings, seed * 100_003 + s, batch_size,
+                                    token_settings)
+            else:
+                rows = engine.sample_shard(model, tokenizer, shards[s], settings, seed * 100_003 + s, batch_size,
+                                           token_settings, path)
+            write_parquet(path, rows)
+            if engine is not None:
+                engine.check(path.parent, settings)  # refuse as soon as the server evidently samples another policy
+            bar.update(len(shards[s]))
     state.wait_for_everyone()
     if state.is_main_process:
+        if engine is not None:
+            manifest.update(engine.summary(out_dir / SHARD_DIR, settings))
         rows = _merge_shards(out_dir, len(shards))
         manifest["num_truncated"] = sum(sum(r["truncated"]) for r in rows)
         manifest["table_sha256"] = file_sha256(out_dir / SAMPLES_FILE)  # checked by every reader
@@ -400,15 +419,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="use only the first N distinct prompts (default: all)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code (off by default)")
     add_overwrite_flag(p)
+    add_engine_arguments(p)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    from vrpo.cli_args import POSITIVE_INT
+
+    g = p.add_argument_group("engine (docs/sampling_engines.md)")
+    g.add_argument("--engine", choices=["hf", "openai"], default="hf",
+                   help="hf: model.generate on --model (default); openai: an OpenAI-compatible server (vLLM, SGLang, "
+                        "TGI, llama.cpp) serving the same model; --model still scores every sample exactly")
+    g.add_argument("--base-url", default=None, help="with --engine openai: the server, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--served-model", default=None, help="with --engine openai: the model name the server serves")
+    g.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="with --engine openai: requests in flight")
+    g.add_argument("--allow-reference-mismatch", action="store_true",
+                   help="with --engine openai: sample even when the fidelity check says the server runs another "
+                        "policy (recorded: the samples are marked not from pi_ref)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from vrpo.sampling_server import make_engine
+
+    engine = make_engine(args)
     path = sample_references(
         args.model, args.prompts, args.out, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation,
         shard_size=args.shard_size, max_prompts=args.max_prompts, trust_remote_code=args.trust_remote_code,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, engine=engine)
     import os
 
     from vrpo.provenance import read_manifest

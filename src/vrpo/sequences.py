@@ -293,25 +293,60 @@ def _counted_tokens(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         batch["token_sequence"][rows, cols]
 
 
+def _counted_states(model, batch: dict, chunked_head: bool) -> tuple:
+    """One forward pass: the states that predict the batch's counted tokens [M, d] (the LM
+    head's inputs, or the model's own logits [M, V] when the head cannot run alone), the map
+    from them to logits, tokens per chunk, the targets [M] and their sequences [M]."""
+    inputs = model_inputs(model, batch)
+    source, targets, sequence = _counted_tokens(batch)
+    head = lm_head_for_chunks(model) if chunked_head else None
+    if head is not None:
+        hidden = _hidden_states(model, inputs, head)
+        return hidden.reshape(-1, hidden.shape[-1])[source], head, logits_chunk_tokens(head), targets, sequence
+    logits = model(**inputs).logits
+    flat = logits.reshape(-1, logits.shape[-1])
+    return flat[source], _identity, max(1, LOGITS_BUDGET // logits.shape[-1]), targets, sequence
+
+
 def sequence_logps(model, batch: dict, *, autocast: Callable = contextlib.nullcontext,
                    chunked_head: bool = True) -> Tensor:
     """log pi(y_s | x_s) of the batch's sequences [S] (``batch["sequence_ids"]`` order), from
     one forward pass; differentiable when autograd records. ``autocast``: the context the
     model's forward runs under (the head is applied outside it, chunk by chunk)."""
-    inputs = model_inputs(model, batch)
-    source, targets, sequence = _counted_tokens(batch)
-    num = batch["sequence_ids"].numel()
-    head = lm_head_for_chunks(model) if chunked_head else None
-    if head is not None:
-        hidden = _hidden_states(model, inputs, head)
-        with autocast():
-            tok = losses.token_logps(hidden.reshape(-1, hidden.shape[-1])[source], head, targets,
-                                     logits_chunk_tokens(head))
-    else:
-        logits = model(**inputs).logits
-        flat = logits.reshape(-1, logits.shape[-1])
-        tok = losses.token_logps(flat[source], _identity, targets, max(1, LOGITS_BUDGET // logits.shape[-1]))
-    return losses.sum_by_sequence(tok, sequence, num)
+    states, head, chunk, targets, sequence = _counted_states(model, batch, chunked_head)
+    with autocast():
+        tok = losses.token_logps(states, head, targets, chunk)
+    return losses.sum_by_sequence(tok, sequence, batch["sequence_ids"].numel())
+
+
+def sequence_logps_with_token_statistics(model, batch: dict) -> list[tuple]:
+    """Per sequence (``batch["sequence_ids"]`` order): ``(log pi(y|x), log pi(y_t) [T], H_t [T],
+    V_t [T])``, the first exactly ``sequence_logps``' value (the same pass and head), then for
+    each completion token in order its log-prob, the entropy H_t = -E[log pi] of pi at that step
+    and V_t = Var[log pi] = E[(log pi)^2] - H_t^2, in float64 (for y_t ~ pi, E[log pi(y_t)] = -H_t:
+    the calibration test of sampled tokens). Without gradients."""
+    with torch.no_grad():
+        states, head, chunk, targets, sequence = _counted_states(model, batch, True)
+        sums = losses.sum_by_sequence(losses.token_logps(states, head, targets, chunk), sequence,
+                                      batch["sequence_ids"].numel())
+        step = max(1, chunk // 4)  # float64 and three [step, V] temporaries: within the logits budget
+        parts = [_softmax_statistics(head(states[i:i + step]), targets[i:i + step])
+                 for i in range(0, targets.numel(), step)]
+    tok, entropy, variance = (torch.cat(x) for x in zip(*parts)) if parts else (targets.double(),) * 3
+    out = []
+    for s, total in enumerate(sums.tolist()):
+        mine = sequence == s  # a sequence's tokens come in position order (row-major selection)
+        out.append((total, tok[mine].tolist(), entropy[mine].tolist(), variance[mine].tolist()))
+    return out
+
+
+def _softmax_statistics(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """log p(target), entropy H and Var[log p] of each row's softmax, in float64."""
+    logp = torch.log_softmax(logits.double(), -1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    variance = ((p * logp * logp).sum(-1) - entropy ** 2).clamp_min(0.0)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy, variance
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -372,9 +407,12 @@ def check_shared_prompt(model, batch: dict, pad_token_id: int, values: Callable 
     _CHECKED[unwrap(model)] = True
 
 
-def logps_of_rows(model, rows: Sequence[Sequence[Item]], pad_token_id: int, max_sequences: int) -> list[float]:
+def logps_of_rows(model, rows: Sequence[Sequence[Item]], pad_token_id: int, max_sequences: int, *,
+                  token_statistics: bool = False) -> list:
     """log pi(y_s | x_s) of every sequence of ``rows`` (``pack_rows``' items), at temperature 1,
-    without gradients, at most ``max_sequences`` sequences (whole rows) per forward pass."""
+    without gradients, at most ``max_sequences`` sequences (whole rows) per forward pass.
+    ``token_statistics``: each value is instead the tuple of
+    :func:`sequence_logps_with_token_statistics` (the same log-prob first)."""
     device = next(model.parameters()).device
     out = [0.0] * sum(len(r) for r in rows)
     was_training = model.training
@@ -393,7 +431,9 @@ def logps_of_rows(model, rows: Sequence[Sequence[Item]], pad_token_id: int, max_
                 batch = pack_rows([[(local[s], p, c) for s, p, c in items] for items in group], pad_token_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 check_shared_prompt(model, batch, pad_token_id)
-                for s, v in zip(sorted(order), sequence_logps(model, batch).tolist()):
+                values = sequence_logps_with_token_statistics(model, batch) if token_statistics else \
+                    sequence_logps(model, batch).tolist()
+                for s, v in zip(sorted(order), values):
                     out[s] = v
                 start = stop
     finally:
