@@ -57,15 +57,18 @@ ORACLE_K = 8  # the K of `vrpo_oracle`, `vrpo_fitted`, `vrpo_crossfit`, `vrpo_wr
 def aux_tables(world: World, data: Dataset, names: set[str], seed: int) -> dict[str, tuple[Tensor, Tensor]]:
     """(g for observed cells, g for reference pairs) of each auxiliary model needed."""
     out = {}
+    ridge = None  # the cross-fitted model's choice, shared by the fitted one
+    if names & {"fitted", "crossfit"}:
+        oof, fold_avg, ridge = aux_models.crossfit_tables(world, data, 5, seed, aux_models.RIDGES)
     for name in names:
         if name == "oracle":
             out[name] = (aux_models.oracle_aux(world),) * 2
         elif name == "wrong":
             out[name] = (aux_models.wrong_aux(world),) * 2
         elif name == "fitted":
-            out[name] = aux_models.fitted_aux(world, data)
+            out[name] = aux_models.fitted_aux(world, data, ridge=ridge)
         elif name == "crossfit":
-            out[name] = aux_models.crossfit_aux(world, data, seed=seed)
+            out[name] = (oof, fold_avg)
         else:
             raise ValueError(f"aux: unknown auxiliary model {name!r}; expected oracle, wrong, fitted or crossfit")
     return out
@@ -238,6 +241,44 @@ def run_setting(world: World, replicates: int, n: int, methods: list[str], *, pr
                           "objective": target_objective(world, model, b, ridge, t)}
                       for b, t in targets.items()}
     return out
+
+
+AUX_LABEL_FACTORS = (1, 4, 16)  # the auxiliary model's own labels, as multiples of n
+
+
+def aux_learning_curve(world: World, replicates: int, n: int, *, seed: int = 0, ridge: float = 1e-3,
+                       factors=AUX_LABEL_FACTORS, k: int = ORACLE_K) -> dict:
+    """What it takes for a fitted g to match the oracle: VRPO (K = k, sigmoid) with g = the
+    flexible model of ``aux_models`` trained on m = factor * n labels of its own (a separate
+    preference set drawn from the same world, as a judge or a GPM is trained; no cross-fitting
+    needed), beside the cross-fitted g on the n labels themselves and the oracle. Per entry:
+    MSE ratio to the base and the fraction of the oracle's MSE cut; and the rms of g - p*
+    over reference pairs (weights pi_ref(a) pi_ref(b))."""
+    res = run_setting(world, replicates, n, ["base", "vrpo_oracle", "vrpo_crossfit"], ridge=ridge, seed=seed)
+    model = PRIMARY_MODELS["linear_bt"](world.features)
+    data = simulate_for(world, replicates, n, 16, seed)
+    cell_w, target = cell_weights(data), population_target(world, model, "sigmoid", ridge)
+    ref_w, ties = ref_pair_weights(data, k)
+    base_theta = fit(model, Problem("base", "sigmoid", cell_w), replicates, ridge).theta
+    b, o = res["base"]["mse"], res["vrpo_oracle"]["mse"]
+    out = {"n": n, "k": k, "oracle_mse_ratio": o / b,
+           "crossfit": {"labels": n, "mse_ratio": res["vrpo_crossfit"]["mse"] / b,
+                        "fraction_of_oracle": (b - res["vrpo_crossfit"]["mse"]) / (b - o)}, "own_labels": {}}
+    for factor in factors:
+        m = factor * n
+        extra = simulate_for(world, replicates, m, 2, seed + 7_919 * factor)
+        g = aux_models.fitted_aux(world, extra, seed=seed)[0]
+        theta = fit(model, Problem("vrpo", "sigmoid", cell_w, g, ref_w, ties, g), replicates, ridge, init=base_theta).theta
+        mse = float(((theta - target) ** 2).sum(-1).mean())
+        out["own_labels"][str(m)] = {"labels": m, "mse_ratio": mse / b, "fraction_of_oracle": (b - mse) / (b - o),
+                                     "g_rms_error": _g_error(world, g)}
+    return out
+
+
+def _g_error(world: World, g: Tensor) -> float:
+    """Root mean square of g - p* over reference pairs, averaged over datasets."""
+    pair = world.ref_probs[:, :, None] * world.ref_probs[:, None, :] * world.context_probs[:, None, None]
+    return float((((g - world.pref) ** 2) * pair).sum((-3, -2, -1)).mean().sqrt())
 
 
 def simulate_for(world: World, replicates: int, n: int, max_k: int, seed: int) -> Dataset:

@@ -4,7 +4,8 @@ Measured: the variance, across R simulated datasets, of the mean loss gradient a
 population target theta*, for the base loss and for oracle VRPO with K reference samples
 (``measured_ratio``); the estimators' own MSE ratios come from ``experiment.run_setting``.
 
-Predicted: ``vrpo.diagnostics.variance_decomposition`` from ONE dataset, fed the per-example
+Predicted: ``vrpo.diagnostics.variance_decomposition`` from ONE dataset (repeated on 20
+datasets to show the mean and spread of that one-dataset prediction), fed the per-example
 gradients of the actual loss at a parameter theta. Where theta is matters
 (docs/variance.md, "Where to evaluate"): the pair variance of the score is a property of the
 margins at theta, so the diagnostic is evaluated at three points:
@@ -89,16 +90,21 @@ def diagnose_at(model: LinearReward, data: Dataset, theta: torch.Tensor, g_obs: 
             **{k: grad[k] for k in ("label_noise_share", "pair_share", "between_share")}}
 
 
-def _points(model, data1: Dataset, fitted: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+def _points(fitted: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"reference": torch.zeros_like(target), "fitted": fitted, "target": target}
 
 
-def _spread(preds: list[dict]) -> dict:
-    """Mean and sd over datasets of the K = 8 predictions."""
+SHARES = ("label_noise_share", "pair_share", "between_share")
+
+
+def _average(preds: list[dict]) -> dict:
+    """Mean and sd over datasets of each one-dataset prediction (per K) and share."""
     out = {}
     for key in ("predicted_ratio", "predicted_mse_ratio"):
-        v = np.array([p[key]["8"] for p in preds])
-        out[key + "_8"] = [float(v.mean()), float(v.std(ddof=1))]
+        ks = preds[0][key]
+        out[key] = {k: float(np.mean([p[key][k] for p in preds])) for k in ks}
+        out[key + "_sd"] = {k: float(np.std([p[key][k] for p in preds], ddof=1)) if len(preds) > 1 else 0.0 for k in ks}
+    out.update({k: float(np.mean([p[k] for p in preds])) for k in SHARES})
     out["datasets"] = len(preds)
     return out
 
@@ -106,11 +112,11 @@ def _spread(preds: list[dict]) -> dict:
 def gradient_variance(world: World, replicates: int, n: int, seed: int = 0, ridge: float = 1e-3,
                       base: str = "sigmoid", spread: int = SPREAD_DATASETS) -> dict:
     """``measured_ratio`` {K: Var(VRPO_K) / Var(base)} of the mean gradient at the target
-    across replicates (oracle g); ``diagnostic`` {point: prediction from replicate 0} with the
-    oracle g; ``diagnostic_crossfit`` the same at the fitted point with the cross-fitted g
-    (what a user has); ``diagnostic_spread`` the spread of the fitted-point prediction over
-    the first ``spread`` datasets. The keys of the target point are repeated at the top
-    level (``predicted_ratio``, ``label_noise_share``, ...)."""
+    across replicates (oracle g); ``diagnostic`` {point: the one-dataset prediction with the
+    oracle g, averaged over the first ``spread`` datasets, with its sd over them};
+    ``diagnostic_crossfit`` the same at the DPO fit with the cross-fitted g (what a user
+    has); ``first_dataset`` the predictions from dataset 0 alone. The target point's values
+    are repeated at the top level (``predicted_ratio``, ``label_noise_share``, ...)."""
     model = LinearReward(world.features)
     theta = population_target(world, model, base, ridge)
     data = simulate(world, replicates, n, max_k=max(KS), seed=seed + 104729)
@@ -127,15 +133,15 @@ def gradient_variance(world: World, replicates: int, n: int, seed: int = 0, ridg
                     data.num_contexts, data.num_responses)
     fitted = fit(model, Problem("base", base, cell_weights(first)), m, ridge).theta  # [m, d]
     g_obs_cf, g_ref_cf = aux_models.crossfit_aux(world, first, seed=seed)
-    diag = {p: diagnose_at(model, one_replicate(first, 0), th, g, g, ridge, base)
-            for p, th in _points(model, first, fitted[0], theta).items()}
-    per_dataset = [diagnose_at(model, one_replicate(first, r), fitted[r], g, g, ridge, base) for r in range(m)]
+    per_point = {p: [diagnose_at(model, one_replicate(first, r), th, g, g, ridge, base)
+                     for r, th in enumerate(ths)]
+                 for p, ths in _points(fitted, theta[None].expand(m, -1)).items()}
     crossfit = [diagnose_at(model, one_replicate(first, r), fitted[r], g_obs_cf[r:r + 1], g_ref_cf[r:r + 1], ridge, base)
                 for r in range(m)]
-    at_target = diag["target"]
+    diag = {p: _average(v) for p, v in per_point.items()}
     return {"measured_ratio": measured, "replicates": replicates, "n": n,
-            "predicted_ratio": at_target["predicted_ratio"],
-            "one_dataset_measured_ratio": at_target["one_dataset_measured_ratio"],
-            **{k: at_target[k] for k in ("label_noise_share", "pair_share", "between_share")},
-            "diagnostic": diag, "diagnostic_crossfit": {"fitted": crossfit[0]},
-            "diagnostic_spread": {"fitted": _spread(per_dataset), "fitted_crossfit": _spread(crossfit)}}
+            "predicted_ratio": diag["target"]["predicted_ratio"],
+            "one_dataset_measured_ratio": per_point["target"][0]["one_dataset_measured_ratio"],
+            **{k: diag["target"][k] for k in SHARES},
+            "diagnostic": diag, "diagnostic_crossfit": {"fitted": _average(crossfit)},
+            "first_dataset": {p: v[0] for p, v in per_point.items()}}

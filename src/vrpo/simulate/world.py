@@ -99,6 +99,7 @@ PREFERENCE_KINDS: dict[str, tuple[Callable, bool]] = {
     "nonlinear": (pref_nonlinear, True),
     "cyclic": (pref_cyclic, True),
     "mixture_wrong_ref": (pref_mixture, False),
+    "bt_wrong_ref": (pref_bt, False),  # double robustness: BT correct, pi_ref not the labelled pairs' policy
 }
 
 
