@@ -30,7 +30,9 @@ of the page matches a regenerated one when they agree to the page's printed prec
     python benchmarks/check_figures.py --all [--from-existing]   # every figure; reuse outputs
 
 ``--from-existing`` compares with the output files already on disk (no command is run).
-Exit status 0 when every figure checked matches, 1 when any differs, 2 on bad input.
+``--update`` rewrites each checked ``same`` block with its regenerated section (to refresh a
+page after a deliberate change; review the diff). Exit status 0 when every figure checked
+matches (or was updated), 1 when any differs, 2 on bad input.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ class Figure:
     page: str
     line: int
     text: str = field(repr=False)
+    span: tuple = field(default=(0, 0), repr=False)  # character offsets of ``text`` in the page
 
     @property
     def where(self) -> str:
@@ -111,7 +114,8 @@ def parse_page(path: Path, root: Path = ROOT) -> list[Figure]:
         nxt = OPEN.search(text, m.end())
         if end is None or (nxt is not None and nxt.start() < end.start()):
             raise FigureError(f"{page}:{line}: figure {f['figure']!r} has no closing <!-- /figure -->")
-        figures.append(Figure(f["figure"], f["command"], f["source"], f["match"], page, line, text[m.end():end.start()]))
+        figures.append(Figure(f["figure"], f["command"], f["source"], f["match"], page, line, text[m.end():end.start()],
+                              (m.end(), end.start())))
         pos = end.end()
     return figures
 
@@ -238,6 +242,16 @@ def check(fig: Figure, root: Path = ROOT) -> list[Mismatch]:
     return COMPARE[fig.match](fig, read_source(fig, root))
 
 
+def update(figures: list[Figure], root: Path = ROOT) -> None:
+    """Replace each ``same`` block's text with its regenerated section (pages rewritten from the end)."""
+    for page in dict.fromkeys(f.page for f in figures):
+        path = root / page
+        text = path.read_text(encoding="utf-8")
+        for f in sorted((f for f in figures if f.page == page and f.match == "same"), key=lambda f: -f.span[0]):
+            text = text[:f.span[0]] + "\n" + read_source(f, root).strip("\n") + "\n" + text[f.span[1]:]
+        path.write_text(text, encoding="utf-8")
+
+
 def run_command(command: str, root: Path = ROOT) -> None:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -256,6 +270,7 @@ def main(argv=None, root: Path = ROOT, pages=PAGES) -> int:
     what.add_argument("--check", metavar="NAME", action="append", help="check this figure (repeatable)")
     what.add_argument("--all", action="store_true", help="check every figure")
     ap.add_argument("--from-existing", action="store_true", help="compare with the output files on disk; run nothing")
+    ap.add_argument("--update", action="store_true", help="rewrite the checked 'same' blocks with the regenerated sections")
     args = ap.parse_args(argv)
     try:
         figures = all_figures(root, pages)
@@ -267,6 +282,9 @@ def main(argv=None, root: Path = ROOT, pages=PAGES) -> int:
         if not args.from_existing:
             for command in dict.fromkeys(f.command for f in chosen):  # each command once, in page order
                 run_command(command, root)
+        if args.update:
+            update(chosen, root)
+            chosen = [f for f in all_figures(root, pages) if f.name in {c.name for c in chosen}]
         mismatches = []
         for f in chosen:
             found = check(f, root)

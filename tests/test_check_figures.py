@@ -134,3 +134,13 @@ def test_failing_command_stops_with_its_status(repo, capsys):
     page.write_text(page.read_text().replace("command: python make.py 1.0 ;\n", "command: python make.py oops ;\n"))
     assert run(repo, "--check", "main") == 2
     assert "exited with status 1" in capsys.readouterr().err
+
+
+def test_update_rewrites_a_stale_block(repo, capsys):
+    page = repo / "docs" / "page.md"
+    page.write_text(page.read_text().replace("| bt | 0.0707 | 0.97 |", "| bt | 0.0999 | 0.97 |"))
+    assert run(repo, "--check", "main") == 1
+    assert run(repo, "--check", "main", "--update", "--from-existing") == 0
+    text = page.read_text()
+    assert "| bt | 0.0707 | 0.97 |" in text and "0.0999" not in text
+    assert "<!-- /figure -->" in text and text.count("<!-- figure:") == 2  # the markers stay
