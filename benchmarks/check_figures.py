@@ -16,8 +16,9 @@ command's output the same numbers appear:
   to hyphens): the section under that heading, up to the next heading of the same or a
   higher level.
 - ``match`` (optional): ``same`` (default): the block and the source section hold the same
-  numbers in the same order. ``subset``: the block shows a selection: each table row of
-  the block is matched with the source rows whose first cell starts with the same word,
+  numbers in the same order. ``subset``: the block shows a selection, possibly from several
+  tables of the source: each table row of the block is matched with the source rows that
+  have the same first cell (or, when none has, whose first cell starts with the same word),
   and every number of the row must be among theirs; numbers outside tables must be among
   the section's numbers.
 
@@ -204,25 +205,31 @@ def compare_same(fig: Figure, source: str) -> list[Mismatch]:
     return out
 
 
-def _row_key(line: str) -> str | None:
-    """First word of a table row's first cell ('| bt_flip (20% flips) | ...' -> 'bt_flip')."""
+def _first_cell(line: str) -> str | None:
+    """A table row's first cell, lower case, code marks dropped; None for other lines and rules."""
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
     if not line.strip().startswith("|") or not cells or set(cells[0]) <= set("-: "):
         return None
-    words = CODE.sub(lambda m: m.group(0).strip("`"), cells[0]).split()
-    return words[0].lower() if words else None
+    return " ".join(CODE.sub(lambda m: m.group(0).strip("`"), cells[0]).lower().split()) or None
+
+
+def _row_key(line: str) -> str | None:
+    """First word of a table row's first cell ('| bt_flip (20% flips) | ...' -> 'bt_flip')."""
+    cell = _first_cell(line)
+    return cell.split()[0] if cell else None
 
 
 def compare_subset(fig: Figure, source: str) -> list[Mismatch]:
+    """Rows whose first cell is a source row's first cell are matched with those rows; other
+    rows with the source rows that start with the same word; other lines with the section."""
     rows: dict[str, list[Num]] = {}
     for line in source.splitlines():
-        key = _row_key(line)
-        if key:
+        for key in {_first_cell(line), _row_key(line)} - {None}:
             rows.setdefault(key, []).extend(numbers(line))
     anywhere = numbers(source)
     out = []
     for line in fig.text.splitlines():
-        key = _row_key(line)
+        key = _first_cell(line) if _first_cell(line) in rows else _row_key(line)
         pool = list(rows[key]) if key in rows else list(anywhere)
         for p in numbers(line):
             hit = next((i for i, r in enumerate(pool) if _agree(p, r)), None)

@@ -25,9 +25,10 @@ eval prompt. Resumable: finished reward models and policies are reused.
 A **draw** d is one independent run of the whole pipeline: pi_ref pre-trained with seed d,
 its samples, the labels and the prompt subsets (draw 0 is the single-draw default). Seeds
 vary the labels, the prompt subset and the training seed within a draw. pi_ref is
-pre-trained in the benchmark's own cache (``--cache``, default OUT/cache) with ``--threads``
-torch threads: a pi_ref cached by another command (the IMDb demo pre-trains with 2 threads)
-is a different pi_ref, and gives other figures (docs/two_stage.md, "Reproducibility").
+pre-trained in the benchmark's own cache (``--cache``, default OUT/cache) with
+``--pretrain-threads`` (default ``--threads``) torch threads: the same seed pre-trained with
+another thread count (the IMDb demo uses min(cores, 4)) is a different pi_ref and gives other
+figures (docs/two_stage.md, "Which pi_ref").
 Writes OUT/draw<d>/ (runs), OUT/summary.json and OUT/summary.md (the tables).
 """
 from __future__ import annotations
@@ -104,6 +105,8 @@ def run_draw(args, draw: int, out: Path, rows: list, seeds: tuple, rl_seeds: tup
     labels; reward models over ``seeds``; RLOO policies for ``rl_seeds``. Returns its report."""
     from dataclasses import replace
 
+    import torch
+
     from vrpo.evaluate import generate
     from vrpo.experiments.imdb.pipeline import Setup, draw_samples
     from vrpo.experiments.imdb.policy import load_policy
@@ -117,7 +120,9 @@ def run_draw(args, draw: int, out: Path, rows: list, seeds: tuple, rl_seeds: tup
     progress = not args.no_progress
     preset = get_preset("quick")
     preset = replace(preset, policy=replace(preset.policy, seed=draw))
+    torch.set_num_threads(args.pretrain_threads or args.threads)  # pi_ref depends on it (docstring)
     setup = Setup(preset, out / "imdb", progress)
+    torch.set_num_threads(args.threads)
     sample_dirs = draw_samples(setup)
     prompts, candidates = eval_candidates(setup, out / "eval", 4)
     a, b, ref_y = [c[0] for c in candidates], [c[1] for c in candidates], [c[2] for c in candidates]
@@ -272,6 +277,8 @@ def main(argv=None) -> int:
                         "labels), e.g. 0,1,2,3 (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for pre-training pi_ref and for "
                         "training (1: robust on a shared 2-core machine; another count gives another pi_ref)")
+    parser.add_argument("--pretrain-threads", type=int, default=None, help="torch threads for pre-training pi_ref "
+                        "(default --threads; the IMDb demo pre-trains with min(cores, 4))")
     parser.add_argument("--cache", default=None, help="pi_ref cache of this benchmark (default OUT/cache)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -286,8 +293,8 @@ def main(argv=None) -> int:
         raise ValueError(f"--rl-seeds {args.rl_seeds}: expected seeds from --seeds {args.seeds}")
     if args.rl_steps < 1 and rl_seeds:
         raise ValueError(f"--rl-steps {args.rl_steps}: expected at least 1 (or --rl-seeds '')")
-    if args.threads < 1:
-        raise ValueError(f"--threads {args.threads}: expected at least 1")
+    if args.threads < 1 or (args.pretrain_threads is not None and args.pretrain_threads < 1):
+        raise ValueError(f"--threads {args.threads} / --pretrain-threads {args.pretrain_threads}: expected at least 1")
 
     import torch
     from transformers.utils import logging as hf_logging

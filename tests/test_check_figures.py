@@ -144,3 +144,12 @@ def test_update_rewrites_a_stale_block(repo, capsys):
     text = page.read_text()
     assert "| bt | 0.0707 | 0.97 |" in text and "0.0999" not in text
     assert "<!-- /figure -->" in text and text.count("<!-- figure:") == 2  # the markers stay
+
+
+def test_subset_prefers_rows_with_the_same_first_cell(tmp_path):
+    """'bt (ramp)' is matched with the source's 'bt (ramp)' row, not with 'bt (sigmoid)'."""
+    source = "| model | acc |\n|---|---|\n| bt (sigmoid) | 0.61 |\n| bt (ramp) | 0.58 |\n"
+    fig = cf.Figure("f", "c", "s", "subset", "p.md", 1, "| bt (ramp) | 0.61 |\n")
+    assert len(cf.compare_subset(fig, source)) == 1
+    fig.text = "| bt (ramp) | 0.58 |\n| bt (other) | 0.61 |\n"  # no exact row: any 'bt' row
+    assert cf.compare_subset(fig, source) == []
