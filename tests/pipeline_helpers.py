@@ -53,3 +53,15 @@ def write_scored(path: Path, n: int = 6, k: int = 3) -> Path:
                      "aux_prob": 0.6 + 0.05 * (i % 5), "ref_samples": samples, "ref_aux_prob": g})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def write_samples_folder(folder: Path, table: list[dict], **manifest) -> Path:
+    """A samples folder as `vrpo sample` leaves it: samples.parquet and a manifest that records
+    the table's sha256 (what training and scoring verify)."""
+    from vrpo.provenance import file_sha256, write_manifest
+    from vrpo.sampling import SAMPLES_FILE, write_parquet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_parquet(folder / SAMPLES_FILE, table)
+    write_manifest(folder, {**manifest, "complete": True, "table_sha256": file_sha256(folder / SAMPLES_FILE)})
+    return folder

@@ -1,5 +1,5 @@
 """An independent, slow, loop-based implementation of the VRPO objective (plain Python
-floats, math module only), written from METHOD.md and used to check vrpo.losses."""
+floats, math module only), written from the estimator in docs/method.md and used to check vrpo.losses."""
 import math
 
 

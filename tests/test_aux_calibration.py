@@ -17,10 +17,15 @@ def test_hand_computed_metrics():
     assert cal.log_loss(P, Y) == pytest.approx(0.4844855, abs=1e-7)
     # 10 bins, one prediction each: (|.9-1| + |.6-0| + |.2-0| + |.5-1|) / 4 = 1.4 / 4
     assert cal.expected_calibration_error(P, Y, bins=10) == pytest.approx(0.35)
-    # 2 bins: [0.2] -> |0.2 - 0| weight 1/4; [0.9, 0.6, 0.5] -> |2.0/3 - 2/3| = 0  => 0.05
-    assert cal.expected_calibration_error(P, Y, bins=2) == pytest.approx(0.05)
+    # 2 bins, closed on the right as scikit-learn's calibration_curve makes them, so 0.5 is in
+    # the lower one: [0.2, 0.5] -> |0.35 - 1/2| weight 2/4; [0.9, 0.6] -> |0.75 - 1/2| weight 2/4
+    # => (0.15 + 0.25) / 2 = 0.2
+    assert cal.expected_calibration_error(P, Y, bins=2) == pytest.approx(0.2)
     count, conf, freq = cal.reliability_bins(P, Y, bins=2)
-    assert count.tolist() == [1, 3] and conf[1] == pytest.approx(2 / 3) and freq[1] == pytest.approx(2 / 3)
+    assert count.tolist() == [2, 2] and conf.tolist() == pytest.approx([0.35, 0.75]) and freq.tolist() == [0.5, 0.5]
+    # an empty bin has no confidence or frequency
+    count, conf, freq = cal.reliability_bins([0.1, 0.9], [0, 1], bins=3)
+    assert count.tolist() == [1, 0, 1] and np.isnan(conf[1]) and np.isnan(freq[1]) and freq[2] == 1.0
 
 
 def test_both_orders_keeps_the_scores_of_an_antisymmetric_g():

@@ -21,7 +21,9 @@ def noisy(tmp_path_factory):
     data = tmp / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     aux = tmp / "aux"
-    assert main(["fit-aux", "--data", str(data), "--model", "gpm-table", "--folds", "4", "--fold-by", "pair",
+    # 400 labels of 28 distinct pairs: --fold-by pair holds out every listing of a pair at once, so the
+    # model must rank pairs it never saw from the others (the truth is transitive: Bradley-Terry's)
+    assert main(["fit-aux", "--data", str(data), "--model", "bt-table", "--folds", "4", "--fold-by", "pair",
                  "--epochs", "30", "--lr", "0.01", "--out", str(aux)]) == 0
     out = tmp / "audit"
     assert main(["audit", "--data", str(data), "--aux", str(aux), "--out", str(out), "--top", "10"]) == 0
@@ -35,8 +37,9 @@ def test_fit_aux_writes_model_oof_metrics_and_diagram(noisy):
     cfg = json.loads((aux / "aux_config.json").read_text())
     assert cfg["kind"] == "fold-average" and len(cfg["config"]["members"]) == 4 and cfg["fit"]["folds"] == 4
     metrics = json.loads((aux / "metrics.json").read_text())["heldout"]
-    # labels agree with the learnable truth for ~0.97*0.9 + 0.03*0.1 = 0.876 of pairs
-    assert 0.8 < metrics["accuracy"] < 0.95
+    # labels agree with the learnable truth for ~0.97*0.9 + 0.03*0.1 = 0.876 of pairs: the ceiling; a pair
+    # ranked from the other pairs only (it is held out whole) gets less, a leak through its copies would get it
+    assert 0.7 < metrics["accuracy"] < 0.876
     assert set(metrics) >= {"accuracy", "log_loss", "brier", "ece"}
     oof = pd.read_parquet(aux / "oof.parquet")
     assert list(oof.columns) == ["row", "pair_id", "prompt_id", "aux_prob", "fold"] and len(oof) == 400
@@ -95,3 +98,54 @@ def test_cli_bad_input_is_one_line_exit_2(noisy, tmp_path, capsys):
     err = _error(capsys, ["audit", "--data", str(data), "--aux", str(aux), "--out", str(tmp_path / "v"),
                           "--slice-column", "reviewer"])
     assert "--slice-column reviewer" in err
+
+
+# ---- an empty reference sample (pi_ref drew EOS at once) is scored, never refused
+def _samples_with_an_empty_one(folder, prompt):
+    from tests.pipeline_helpers import write_samples_folder
+    from vrpo.data import prompt_id_of
+
+    samples = ["answer 7", "", "answer 0", "answer 3"]
+    table = [{"prompt_id": prompt_id_of(prompt), "prompt": prompt, "samples": samples, "ref_logps": [-1.0] * 4,
+              "truncated": [False] * 4}]
+    return write_samples_folder(folder, table, model_fingerprint="m", from_reference_policy=True), samples
+
+
+@pytest.mark.parametrize("model", ["bt-table", "gpm-table"])
+def test_score_accepts_an_empty_reference_sample(noisy, tmp_path, model):
+    """Fitting refuses an empty labelled response (test above); predicting on reference pairs
+    must not: an empty sample is a legitimate draw from pi_ref."""
+    import pyarrow.parquet as pq
+
+    from vrpo.aux import load_aux
+
+    data, aux, _, _ = noisy
+    if model == "gpm-table":
+        aux = tmp_path / "gpm"
+        assert main(["fit-aux", "--data", str(data), "--model", model, "--folds", "2", "--fold-by", "pair", "--epochs", "3",
+                     "--out", str(aux)]) == 0
+    prompt = "Rate the answers."
+    samples, texts = _samples_with_an_empty_one(tmp_path / "samples", prompt)
+    assert main(["score", "--aux", str(aux), "--data", str(data), "--max-rows", "5", "--samples", str(samples),
+                 "--out", str(tmp_path / "scored")]) == 0
+    m = np.array(pq.read_table(tmp_path / "scored" / "data.parquet").to_pylist()[0]["ref_aux_prob"])
+    assert np.all(np.isfinite(m)) and np.allclose(np.diag(m), 0.5) and np.allclose(m + m.T, 1.0)
+    # the empty sample is scored as the model scores "" anywhere: pair by pair, as in the batched matrix
+    g = load_aux(aux)
+    a, b = [texts[j] for j, k in zip(*np.triu_indices(4, 1))], [texts[k] for j, k in zip(*np.triu_indices(4, 1))]
+    direct = g.predict_proba([prompt] * len(a), a, b)
+    assert np.allclose(direct, m[np.triu_indices(4, 1)], atol=1e-6)
+
+
+def test_score_accepts_an_empty_reference_sample_with_a_callable(noisy, tmp_path):
+    import pyarrow.parquet as pq
+
+    data, _, _, _ = noisy
+    judge = tmp_path / "longer.py"
+    judge.write_text("def g(prompts, a, b):\n    return [1.0 if len(x) > len(y) else 0.0 if len(x) < len(y) else 0.5"
+                     " for x, y in zip(a, b)]\n")
+    samples, texts = _samples_with_an_empty_one(tmp_path / "samples", "Rate the answers.")
+    assert main(["score", "--aux", f"{judge}:g", "--data", str(data), "--max-rows", "5", "--samples", str(samples),
+                 "--out", str(tmp_path / "scored")]) == 0
+    m = np.array(pq.read_table(tmp_path / "scored" / "data.parquet").to_pylist()[0]["ref_aux_prob"])
+    assert m[1].tolist() == [0.0, 0.5, 0.0, 0.0]  # the empty sample loses every comparison under "longer wins"

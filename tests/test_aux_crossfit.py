@@ -59,7 +59,7 @@ def test_folds_are_balanced_and_grouped_by_prompt():
         assert len(set(g[3 * k:3 * k + 3])) == 1
     with pytest.raises(ValueError, match="folds: 1; expected at least 2"):
         fold_ids(10, 1)
-    with pytest.raises(ValueError, match="5 folds but only 1 distinct prompts.*--fold-by pair"):
+    with pytest.raises(ValueError, match="5 folds but only 1 distinct groups.*--fold-by pair"):
         group_fold_ids(["same prompt"] * 10, 5)
     with pytest.raises(ValueError, match="reference: 'mean'; expected one of"):
         cross_fit(lambda: GPM(backbone="table"), *unique_pairs(10), folds=2, reference="mean")
@@ -98,8 +98,11 @@ def test_injected_predictions_give_the_same_vrpo_loss_as_fitting_inside(tmp_path
                             for p, c, r in zip(x, chosen, rejected)))
     ref_samples = [list(RPS)] * 60  # K = 3 reference samples per prompt
 
+    from vrpo.fit_aux import fold_groups
+
+    groups = fold_groups("pair", None, x, chosen, rejected)  # the folds of `--fold-by pair`
     inside = cross_fit(lambda: GPM(backbone="table", epochs=15, lr=1e-2, random_state=7, progress=False),
-                       x, chosen, rejected, np.ones(60), folds=3, random_state=7)
+                       x, chosen, rejected, np.ones(60), folds=3, random_state=7, groups=groups)
     aux_in, ref_in = crossfit_aux_probs(inside, x, ref_samples)
 
     assert main(["fit-aux", "--data", str(data), "--model", "gpm-table", "--folds", "3", "--seed", "7",
@@ -121,3 +124,40 @@ def test_load_oof_refuses_pairs_it_has_no_out_of_fold_prediction_for(tmp_path):
     with pytest.raises(ValueError, match=r"no out-of-fold prediction for row 0"):
         load_oof(tmp_path, ["p"], ["b"], ["a"])
     assert load_oof(tmp_path / "nothing", ["p"], ["a"], ["b"]) is None
+
+
+def test_fold_by_pair_keeps_copies_of_a_pair_in_one_fold():
+    """Each labelled pair listed twice, labels random (nothing to learn): a memorising table
+    model predicts the held-out pair from its copy when copies fall in other folds (mean
+    out-of-fold g far above 1/2), and only 1/2 when `--fold-by pair` keeps them together."""
+    from vrpo.fit_aux import fold_groups
+
+    rng = np.random.default_rng(0)
+    n = 60
+    prompts, chosen, rejected = [], [], []
+    for i in range(n):
+        a, b = f"answer {i}a", f"answer {i}b"
+        won = rng.random() < 0.5
+        prompts.append(f"question {i}")
+        chosen.append(a if won else b)
+        rejected.append(b if won else a)
+    x, c, r = prompts * 2, chosen * 2, rejected * 2  # every row listed twice
+    memorise = lambda: GPM(backbone="table", epochs=60, lr=0.05, random_state=0, progress=False)  # noqa: E731
+    leaky = cross_fit(memorise, x, c, r, np.ones(2 * n), folds=4, random_state=0)
+    grouped = cross_fit(memorise, x, c, r, np.ones(2 * n), folds=4, random_state=0,
+                        groups=fold_groups("pair", None, x, c, r))
+    assert leaky.oof_proba.mean() > 0.7  # the copy taught it the label
+    assert abs(grouped.oof_proba.mean() - 0.5) < 0.05  # never saw either response of the pair: no information
+    ids = grouped.fold_ids
+    assert all(ids[i] == ids[i + n] for i in range(n))
+
+
+def test_out_of_fold_predictions_are_joined_by_the_whole_pair_text(tmp_path):
+    """The join compares the prompt text too: the same responses under another prompt have
+    no out-of-fold prediction (a model may have seen that pair's label)."""
+    from vrpo.aux.io import write_oof
+
+    write_oof(tmp_path, ["Review: good", "Review: bad"], ["a", "a"], ["b", "b"], ["1", "2"], [0.7, 0.4], [0, 1])
+    assert load_oof(tmp_path, ["Review: bad"], ["a"], ["b"]).tolist() == [0.4]
+    with pytest.raises(ValueError, match=r"no out-of-fold prediction for row 0"):
+        load_oof(tmp_path, ["Review: other"], ["a"], ["b"])

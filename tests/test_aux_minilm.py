@@ -19,6 +19,19 @@ def test_minilm_ships_offline_and_embeds_unit_vectors():
     assert len(enc.fingerprint) == 16
 
 
+def test_an_empty_response_is_embedded_and_scored_like_any_text():
+    """An empty reference sample (pi_ref drew EOS first): "" gets one vector, the same alone or
+    batched beside long texts (padding is masked out of the mean), and g scores it."""
+    enc = load_encoder()
+    alone = enc.encode([""])
+    batched = enc.encode(["a long review that says the film was good and the music was better", ""])
+    assert np.allclose(alone[0], batched[1], atol=1e-5) and np.isclose(np.linalg.norm(alone[0]), 1, atol=1e-5)
+    x, a, b, y = rock_paper_scissors_pairs(30, prompt="Choose a move.", random_state=3)
+    g = GPM(backbone="minilm", epochs=2).fit(x, a, b, y)
+    G = g.predict_pairwise("Choose a move.", ["rock", "", "paper"])
+    assert np.allclose(G + G.T, 1) and G[0, 1] == pytest.approx(g.predict_proba(["Choose a move."], ["rock"], [""])[0])
+
+
 def test_frozen_minilm_gpm_fits_the_cycle_and_bt_does_not():
     x, a, b, y = rock_paper_scissors_pairs(240, random_state=0)
     xt, at, bt_, yt = rock_paper_scissors_pairs(240, random_state=1)

@@ -167,3 +167,17 @@ def test_judge_is_batched_and_position_bias_cancels():
     with pytest.raises(ValueError, match=r"judge .*returned 1.5 at pair 0"):
         JudgeAux(lambda x, a, b: [1.5] * len(x)).predict_proba(["p"], ["a"], ["b"])
     assert isinstance(judge, CallableAux)
+
+
+def test_a_judges_own_errors_are_one_line_naming_it():
+    """JudgeAux calls the user's judge batch by batch inside the same boundary as CallableAux."""
+    from vrpo.aux import JudgeAux
+    from vrpo.errors import UserError
+
+    def broken(prompts, a, b):
+        raise KeyError("model")
+
+    with pytest.raises(UserError, match=r"^--aux my-judge: your code raised KeyError: 'model'$"):
+        JudgeAux(broken, name="my-judge").predict_proba(["x"], ["a"], ["b"])
+    with pytest.raises(UserError, match=r"returned NoneType None; expected a list of 2 probabilities"):
+        JudgeAux(lambda p, a, b: None, name="lazy").predict_proba(["x", "y"], ["a", "c"], ["b", "d"])

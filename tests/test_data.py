@@ -117,3 +117,80 @@ def test_completions_that_must_not_be_cut(tiny_tokenizer):
     with pytest.raises(ValueError, match="exceed max_length 8, which would change its stored log-prob"):
         tokenize_completions(tiny_tokenizer, "The movie", [" was wonderful and great and the acting"], max_length=8,
                              max_prompt_length=4, cut_completions=False, where="row 0")
+
+
+# --------------------------------------------------------------------------- nothing silently wrong
+def test_identical_pairs_are_dropped_and_counted_and_all_identical_refused():
+    from vrpo.data import drop_identical_pairs
+
+    rows = [{"chosen": "a", "rejected": "b"}, {"chosen": "same", "rejected": "same"}, {"chosen": "c", "rejected": "d"}]
+    kept, dropped = drop_identical_pairs(rows, "d.jsonl")
+    assert kept == [rows[0], rows[2]] and dropped == 1
+    with pytest.raises(ValueError, match="every one of the 2 rows has chosen == rejected"):
+        drop_identical_pairs([{"chosen": "x", "rejected": "x"}] * 2, "d.jsonl")
+
+
+def test_empty_prompt_is_refused_naming_the_row(tmp_path, tiny_tokenizer):
+    """With no prompt token the response's first token would be conditioned on nothing and
+    never counted by sequence_logps: refused, not trained on."""
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "", "chosen": "a", "rejected": "b"}]
+    with pytest.raises(ValueError, match="row 1: empty prompt"):
+        load_preferences(_jsonl(tmp_path / "e.jsonl", rows))
+    with pytest.raises(ValueError, match="row 1: empty prompt"):
+        load_prompts(_jsonl(tmp_path / "e.jsonl", rows))
+    with pytest.raises(ValueError, match="row 7: the prompt gives no token of its own"):
+        tokenize_completions(tiny_tokenizer, "", [" ok"], where="row 7")
+
+
+def test_reference_samples_of_another_prompt_with_the_same_id_are_refused():
+    from vrpo.data import attach_reference_samples
+
+    rows = [{"prompt_id": "1", "prompt": "Review: great film"}, {"prompt_id": "2", "prompt": "Review: bad film"}]
+    table = [{"prompt_id": "1", "prompt": "Review: great film", "samples": ["a", "b"], "ref_logps": [-1.0, -2.0]},
+             {"prompt_id": "2", "prompt": "Book me for Tuesday", "samples": ["c", "d"], "ref_logps": [-1.0, -2.0]}]
+    with pytest.raises(ValueError, match=r"--samples S: data row 1 \(prompt_id '2'\): the samples were drawn for "
+                                         r"another prompt with this id"):
+        attach_reference_samples(rows, table, "--samples S")
+    table[1]["prompt"] = "Review: bad film"
+    joined = attach_reference_samples(rows, table, "--samples S")
+    assert joined[1]["ref_samples"] == ["c", "d"] and joined[1]["ref_truncated"] == [False, False]
+
+
+def test_stored_reference_matrices_must_be_antisymmetric(tmp_path):
+    """A position-biased judge (g(a, b) + g(b, a) != 1) breaks the mean-zero correction:
+    refused, naming the row and the entries; within 1e-4 is accepted."""
+    good = [[0.5, 0.7, 0.2], [0.3, 0.5, 0.6], [0.8, 0.4, 0.5]]
+    biased = [[0.5, 0.7, 0.2], [0.45, 0.5, 0.6], [0.8, 0.4, 0.5]]  # 0.7 + 0.45 = 1.15
+    diagonal = [[0.6, 0.5], [0.5, 0.5]]
+    base = {"prompt": "p", "chosen": "a", "rejected": "b", "aux_prob": 0.6, "ref_samples": ["x", "y", "z"]}
+    nearly = [[0.5, 0.7 + 5e-5], [0.3, 0.5]]
+    load_preferences(_jsonl(tmp_path / "g.jsonl", [dict(base, ref_aux_prob=good), dict(base, ref_aux_prob=nearly)]))
+    with pytest.raises(ValueError, match=r"row 1: ref_aux_prob is not antisymmetric \(\[0\]\[1\] \+ \[1\]\[0\] = 0.7 "
+                                         r"\+ 0.45 = 1.15, expected 1"):
+        load_preferences(_jsonl(tmp_path / "b.jsonl", [dict(base, ref_aux_prob=good), dict(base, ref_aux_prob=biased)]))
+    with pytest.raises(ValueError, match=r"row 0: ref_aux_prob is not antisymmetric \(diagonal \[0\]\[0\] is 0.6"):
+        load_preferences(_jsonl(tmp_path / "d.jsonl", [dict(base, ref_aux_prob=diagonal)]))
+
+
+def test_truncated_samples_get_no_eos(tiny_tokenizer):
+    """A reference sample the sampler cut at its length limit never drew EOS; one that
+    ended drew it. Per-completion flags say which."""
+    p, (ended, cut) = tokenize_completions(tiny_tokenizer, "The movie", [" was great", " was great"],
+                                           add_eos=[True, False])
+    assert ended == cut + [tiny_tokenizer.eos_token_id]
+
+
+def test_negative_row_limits_are_refused_not_sliced(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", ROWS)
+    for bad in (-1, 0):
+        with pytest.raises(ValueError, match=f"--max-rows {bad}: expected a positive integer"):
+            load_preferences(path, max_rows=bad)
+        with pytest.raises(ValueError, match=f"--max-prompts {bad}: expected a positive integer"):
+            load_prompts(path, max_rows=bad)
+
+
+def test_the_chat_template_message_names_no_flag(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}]
+    with pytest.raises(ValueError) as e:
+        load_preferences(_jsonl(tmp_path / "c.jsonl", rows))
+    assert "chat template" in str(e.value) and "--" not in str(e.value).split(": row 0")[1]

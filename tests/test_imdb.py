@@ -141,18 +141,19 @@ def test_shape_checks_on_hand_made_table():
 
 
 def test_cli_arguments_are_validated():
-    import argparse
 
     from vrpo.experiments import imdb
 
-    parser = argparse.ArgumentParser()
+    from vrpo.cli_args import OneLineParser
+
+    parser = OneLineParser(prog="vrpo reproduce imdb")
     imdb.add_arguments(parser)
-    with pytest.raises(ValueError, match="--preset huge"):
-        imdb._preset_from_args(parser.parse_args(["--preset", "huge"]))
+    for argv in (["--preset", "huge"], ["--seeds", "0"]):  # refused by the parser, in one line
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        assert e.value.code == 2
     with pytest.raises(ValueError, match="unknown method"):
         imdb._preset_from_args(parser.parse_args(["--methods", "dpo,nope"]))
-    with pytest.raises(ValueError, match="--seeds 0"):
-        imdb._preset_from_args(parser.parse_args(["--seeds", "0"]))
     assert imdb._preset_from_args(parser.parse_args(["--seeds", "2", "--methods", "sft,dpo"])).seeds == (0, 1)
 
 
@@ -306,6 +307,39 @@ def test_micro_reproduce_has_the_two_stage_section(tmp_path, monkeypatch):
             assert set(scores) == {str(float(t)) for t in micro.temperatures}
             assert all(0.0 <= v <= 1.0 for v in scores.values())
     md = (out / "results.md").read_text()
-    assert "## Two-stage rows (issue 7)" in md
+    assert "## Two-stage rows: reward model" in md
     assert all(f"| {name} | " in md.split("## Two-stage rows")[1] for name in settings.rows)
     assert (out / "two_stage" / "vrpo-ramp-k4" / "seed1" / "reward_model" / "config.yaml").exists()
+
+
+def test_gold_reward_round_trips_through_data_files_exactly(tmp_path):
+    """The gold reward's cache is JSON + safetensors (nothing that unpickles), and a loaded
+    model scores exactly as the fitted one; a cache of other texts is refitted, not reused."""
+    from vrpo.experiments.imdb.gold import CONFIG_FILE, GoldReward, load_or_fit_gold
+
+    texts = ["a great movie", "great acting, great plot", "a terrible movie", "boring and terrible plot",
+             "great fun", "terrible acting"] * 3
+    labels = [1, 1, 0, 0, 1, 0] * 3
+    fitted = load_or_fit_gold(tmp_path / "gold", texts, labels)
+    assert sorted(p.name for p in (tmp_path / "gold").iterdir()) == ["gold.json", "gold.safetensors"]
+    probe = ["great plot", "terrible fun", "an unseen word", "great great terrible"]
+    loaded = GoldReward.load(tmp_path / "gold")
+    assert np.array_equal(loaded.score(probe), fitted.score(probe))
+    assert load_or_fit_gold(tmp_path / "gold", texts, labels).score(probe).tolist() == fitted.score(probe).tolist()
+    before = json.loads((tmp_path / "gold" / CONFIG_FILE).read_text())["texts_fingerprint"]
+    other = load_or_fit_gold(tmp_path / "gold", texts, [1 - y for y in labels])  # other labels: refitted, not reused
+    assert json.loads((tmp_path / "gold" / CONFIG_FILE).read_text())["texts_fingerprint"] != before
+    assert np.allclose(other.score(probe), 1 - fitted.score(probe), atol=1e-6)
+
+
+def test_no_file_of_the_project_is_unpickled():
+    """Nothing a user or a cache folder could plant is unpickled: no pickle / torch.load / joblib
+    in the source tree."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).parents[1] / "src" / "vrpo"
+    pattern = re.compile(r"\bimport pickle\b|\bpickle\.loads?\(|\btorch\.load\(|\bjoblib\b|\bcloudpickle\b")
+    hits = [f"{p.relative_to(src)}:{i}" for p in src.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, hits

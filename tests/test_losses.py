@@ -52,7 +52,7 @@ def test_vrpo_hand_value_k2_sigmoid():
 
 
 def test_sigmoid_observed_part_is_linear():
-    """With f = sigmoid, l(z,1) - l(z,g) = -(1-g) z exactly (METHOD.md)."""
+    """With f = sigmoid, l(z,1) - l(z,g) = -(1-g) z exactly (docs/method.md)."""
     z = torch.linspace(-30, 30, 61); g = torch.rand(61)
     diff = L.soft_label_loss(z, 1.0) - L.soft_label_loss(z, g)
     assert torch.allclose(diff, -(1 - g) * z, atol=1e-9)
@@ -265,3 +265,28 @@ def test_masked_padding_garbage_does_not_leak():
     kw["ref_aux_prob"] = torch.full((3, 3, 3), 0.5); kw["ref_aux_prob"][:, :, 2] = float("nan"); kw["ref_aux_prob"][:, 2, :] = float("nan")
     out = L.vrpo_loss(**kw, ref_mask=torch.tensor([[True, True, False]] * 3))
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_token_logps_in_chunks_equal_log_softmax_values_and_gradients(chunk):
+    """log softmax(W h + b)[target] per token, chunk by chunk (recomputed in backward when
+    there are several chunks), against one full log_softmax; values and gradients."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(5, 11).double()
+    targets = torch.randint(0, 11, (7,), generator=gen)
+    got = L.token_logps(hidden, head, targets, chunk)
+    want = torch.log_softmax(head(hidden), -1).gather(-1, targets[:, None])[:, 0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    w = torch.linspace(-1, 2, 7, dtype=torch.float64)
+    g_got = torch.autograd.grad((w * got).sum(), [hidden, head.weight, head.bias])
+    g_want = torch.autograd.grad((w * want).sum(), [hidden, head.weight, head.bias])
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_sum_by_sequence_by_hand():
+    # tokens of sequences 2, 0, 2, 1 -> [0.5, -1, 1 + 3]
+    out = L.sum_by_sequence(torch.tensor([1.0, 0.5, 3.0, -1.0]), torch.tensor([2, 0, 2, 1]), 4)
+    assert out.tolist() == [0.5, -1.0, 4.0, 0.0]
+    assert L.token_logps(torch.zeros(0, 3), torch.nn.Linear(3, 4), torch.zeros(0, dtype=torch.long), 2).shape == (0,)

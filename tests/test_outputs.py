@@ -119,3 +119,34 @@ def test_second_writer_refused_and_stale_lock_taken_over(tmp_path):
     (out / LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "command": "sample"}))
     with folder_lock(out, "sample"):  # the owner is gone: taken over
         assert json.loads((out / LOCK).read_text())["pid"] == os.getpid()
+
+
+def test_a_folder_holding_only_its_record_is_taken_for_new_inputs(tmp_path):
+    """A run stopped by bad input before computing anything leaves only inputs.json: the
+    corrected command may use the folder without --overwrite."""
+    out = tmp_path / "run"
+    claim_output(out, "train", {"data": "typo.jsonl"})
+    claim_output(out, "train", {"data": "data.jsonl"})
+    assert json.loads((out / RECORD).read_text())["inputs"] == {"data": "data.jsonl"}
+    (out / "checkpoint-1").mkdir()
+    with pytest.raises(UserError, match="data: data.jsonl -> other.jsonl"):
+        claim_output(out, "train", {"data": "other.jsonl"})
+
+
+def test_differences_are_named_in_the_order_of_the_new_inputs(tmp_path):
+    out = tmp_path / "run"
+    claim_output(out, "train", {"method": "vrpo", "beta": 0.1, "learning_rate": 1e-5, "samples": "s" * 64})
+    (out / "checkpoint-2").mkdir()
+    with pytest.raises(UserError) as e:
+        claim_output(out, "train", {"method": "dpo", "beta": 0.1, "learning_rate": 1e-3})
+    assert "(method: vrpo -> dpo; learning_rate: 1e-05 -> 0.001; samples: " in str(e.value)
+
+
+def test_other_processes_neither_check_nor_write(tmp_path):
+    """Under a launcher only the main process claims the folder (it stops the others when it
+    refuses); another process never reads a record the main process may be writing."""
+    out = tmp_path / "run"
+    claim_output(out, "sample", {"seed": 0})
+    (out / "shards").mkdir()
+    claim_output(out, "sample", {"seed": 1}, main_process=False)
+    assert json.loads((out / RECORD).read_text())["inputs"] == {"seed": 0} and (out / "shards").exists()

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.pipeline_helpers import write_samples_folder
 from vrpo.best_of_n import load_samples
 from vrpo.cli import main
 from vrpo.policy_stage import RLConfig, RewardModelScorer, best_of_n, load_reward_model, reward_inputs, run_rl
@@ -71,11 +72,9 @@ def test_best_of_n_keeps_the_max_reward_candidate():
 
 
 def test_best_of_n_command(tiny, tmp_path):
-    samples = tmp_path / "samples"
-    samples.mkdir()
     cands = [[" wonderful", " bad", " the"], [" great", " plot", " worst"]]
-    pd.DataFrame({"prompt_id": ["p0", "p1"], "prompt": PROMPTS[:2], "samples": cands,
-                  "ref_logps": [[-1.0] * 3] * 2}).to_parquet(samples / "samples.parquet")
+    samples = write_samples_folder(tmp_path / "samples", [
+        {"prompt_id": f"p{i}", "prompt": PROMPTS[i], "samples": c, "ref_logps": [-1.0] * 3} for i, c in enumerate(cands)])
     assert main(["best-of-n", "--reward-model", str(tiny["rm"]), "--samples", str(samples),
                  "--out", str(tmp_path / "bon")]) == 0
     out = pd.read_parquet(tmp_path / "bon" / "best_of_n.parquet")
@@ -127,7 +126,7 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"multiple of --num-generations"):
         run_rl(RLConfig(model=str(tiny["policy"]), reward_model=str(tiny["rm"]), prompts=str(bad), out=str(tmp_path / "r"),
                         num_generations=3, batch_size=4))
-    with pytest.raises(ValueError, match=r"samples.parquet not found"):
+    with pytest.raises(ValueError, match=r"no samples.parquet; expected a folder written by `vrpo sample`"):
         load_samples(tmp_path)
 
 

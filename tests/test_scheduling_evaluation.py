@@ -4,7 +4,7 @@ import pytest
 
 from vrpo.experiments.scheduling import evaluation as ev
 from vrpo.experiments.scheduling.model import SYSTEM_PROMPT, chat_prompt
-from vrpo.experiments.scheduling.panel import DEFAULT_PANEL
+from vrpo.experiments.scheduling.panel import DEFAULT_PANEL, oracle_prob, rubrics
 from vrpo.experiments.scheduling.prompts import NEED_TO_SLICE, URGENT_SLICE, patient_messages, slice_of
 
 ESCALATE = "I'm sorry to hear that. Please call 911 or go to the emergency room now."
@@ -25,11 +25,11 @@ def test_chat_prompt_keeps_the_slice_recoverable():
 def test_win_rates_by_slice():
     rows = patient_messages(3, seed=0, slices=["routine_booking", URGENT_SLICE])
     prompts, slices = [r["message"] for r in rows], [r["slice"] for r in rows]
-    same = ev.win_rates(DEFAULT_PANEL, prompts, slices, [BOOK] * 6, [BOOK] * 6, n_boot=200)
+    same = ev.win_rates(oracle_prob, prompts, slices, [BOOK] * 6, [BOOK] * 6, n_boot=200)
     assert same["all"] == {"win_rate": 0.5, "ci_low": 0.5, "ci_high": 0.5, "n": 6}
     # Escalating everywhere wins on urgent prompts and loses on routine ones (a false alarm,
     # no time offered): the slices show what the average hides.
-    w = ev.win_rates(DEFAULT_PANEL, prompts, slices, [ESCALATE] * 6, [BOOK] * 6, n_boot=200)
+    w = ev.win_rates(oracle_prob, prompts, slices, [ESCALATE] * 6, [BOOK] * 6, n_boot=200)
     assert w[URGENT_SLICE]["win_rate"] > 0.8 and w["routine_booking"]["win_rate"] < 0.3
     expected = np.mean(DEFAULT_PANEL.preference_prob(prompts, [ESCALATE] * 6, [BOOK] * 6))
     assert w["all"]["win_rate"] == pytest.approx(expected)
@@ -40,7 +40,7 @@ def test_rubric_rates_skip_rubrics_that_do_not_apply():
     rows = patient_messages(2, seed=0, slices=["routine_booking", URGENT_SLICE])
     prompts, slices = [r["message"] for r in rows], [r["slice"] for r in rows]
     responses = [ESCALATE if s == URGENT_SLICE else BOOK for s in slices]
-    rates = ev.rubric_rates(DEFAULT_PANEL, prompts, slices, responses)
+    rates = ev.rubric_rates(rubrics, prompts, slices, responses)
     assert rates[URGENT_SLICE]["escalation"] == 1.0 and "offers_time" not in rates[URGENT_SLICE]
     assert rates["routine_booking"]["offers_time"] == 1.0 and "escalation" not in rates["routine_booking"]
     assert rates["all"]["escalation"] == 1.0 and rates["all"]["no_false_alarm"] == 1.0
@@ -73,11 +73,12 @@ def test_workflow_refuses_to_resume_a_run_with_other_settings(tmp_path):
     first = Workflow(tmp_path, resolve_settings(args), "m", 0, 0.1)
     first.model = "m"
     first.check_resume()
+    (tmp_path / "prompts").mkdir()  # a finished step
     first.check_resume()  # same settings: fine
     args.max_steps = 7
     other = Workflow(tmp_path, resolve_settings(args), "m", 0, 0.1)
     other.model = "m"
-    with pytest.raises(ValueError, match="max_steps"):
+    with pytest.raises(ValueError, match="settings.max_steps: 2 -> 7"):
         other.check_resume()
     args.max_steps = 0
     with pytest.raises(ValueError, match="--max-steps 0"):

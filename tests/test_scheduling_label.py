@@ -1,9 +1,7 @@
 """`vrpo label`: the panel labels the first two reference samples of each prompt."""
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from tests.pipeline_helpers import write_samples_folder
 from vrpo.cli import main
 from vrpo.experiments.scheduling.panel import DEFAULT_PANEL
 from vrpo.experiments.scheduling.prompts import patient_messages
@@ -19,9 +17,7 @@ def write_samples(folder, k=3, n_per_slice=4):
              for i, r in enumerate(rows)]
     if k > 1:
         table[0]["samples"][1] = table[0]["samples"][0]  # identical pair: no preference, dropped
-    folder.mkdir()
-    pq.write_table(pa.Table.from_pylist(table), folder / "samples.parquet")
-    (folder / "manifest.json").write_text(json.dumps({"kind": "reference_samples", "model_fingerprint": "abc"}))
+    write_samples_folder(folder, table, kind="reference_samples", model_fingerprint="abc")
     return rows, table
 
 

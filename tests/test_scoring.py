@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from vrpo.provenance import write_manifest
+from tests.pipeline_helpers import write_samples_folder
 from vrpo.scoring import score_pairs
 
 K = 3
@@ -21,14 +21,9 @@ def _setup(tmp_path, n=4):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from vrpo.data import prompt_id_of
 
-    samples = tmp_path / "samples"
-    samples.mkdir()
     table = [{"prompt_id": prompt_id_of(r["prompt"]), "prompt": r["prompt"], "samples": [f" s{j}{'!' * j}" for j in range(K)],
               "ref_logps": [-1.0 * j for j in range(K)], "truncated": [False] * K} for r in rows]
-    import pyarrow as pa
-
-    pq.write_table(pa.Table.from_pylist(table), samples / "samples.parquet")
-    write_manifest(samples, {"model_fingerprint": "m", "from_reference_policy": True})
+    samples = write_samples_folder(tmp_path / "samples", table, model_fingerprint="m", from_reference_policy=True)
     return data, samples
 
 
@@ -97,3 +92,68 @@ def test_example_callable_of_the_quickstart():
     p = aux.predict_proba(["x", "x"], [" great fun", " bad"], [" boring", " wonderful"])
     # " great fun": +2, " boring": -1, " bad": -1, " wonderful": +1
     assert p[0] == pytest.approx(1 / (1 + math.exp(-3))) and p[1] == pytest.approx(1 / (1 + math.exp(2)))
+
+
+# --------------------------------------------------------------------------- nothing silently wrong
+def test_other_samples_into_a_scored_folder_are_refused(tmp_path, monkeypatch):
+    """Reusing OUT's chunks is right only for the same data, samples, --aux and chunk size."""
+    data, samples = _setup(tmp_path)
+    _install(monkeypatch, lambda p, a, b: [0.5] * len(a))
+    out = tmp_path / "out"
+    score_pairs("fake_aux_mod:g", str(data), str(samples), str(out), chunk_size=2)
+    import shutil
+
+    from tests.pipeline_helpers import write_samples_folder
+    from vrpo.sampling import read_samples
+
+    other = read_samples(samples)
+    other[0]["samples"] = [" other", " draws", " here"]
+    other_dir = write_samples_folder(tmp_path / "other", other, model_fingerprint="m", from_reference_policy=True)
+    with pytest.raises(ValueError, match=r"made by `vrpo score` from other inputs \(samples: \w+ -> \w+\); pass "
+                                         r"--overwrite"):
+        score_pairs("fake_aux_mod:g", str(data), str(other_dir), str(out), chunk_size=2)
+    path = score_pairs("fake_aux_mod:g", str(data), str(other_dir), str(out), chunk_size=2, overwrite=True)
+    assert pq.read_table(path).to_pylist()[0]["ref_samples"] == [" other", " draws", " here"]
+    shutil.rmtree(other_dir)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def g(p, a, b):\n    return 1 / 0\n", r"--aux {spec}: your code raised ZeroDivisionError: division by zero"),
+    ("def g(p, a, b)\n    return 1\n", r"--aux {spec}: your code raised SyntaxError"),
+    ("import no_such_module_here\ndef g(p, a, b):\n    return 1\n", r"your code raised ModuleNotFoundError"),
+    ("def g(p, a, b):\n    return None\n", r"--aux {spec}: returned NoneType None; expected a list of 4 probabilities"),
+    ("def g(p, a, b):\n    return ['high'] * len(a)\n", r"returned values such as 'high'; expected a list of 4"),
+    ("def g(p, a, b):\n    return [0.5]\n", r"returned 1 probabilities for 4 pairs"),
+    ("def g(p, a, b):\n    return [[0.5, 0.5]] * len(a)\n", r"returned an array of shape \(4, 2\)"),
+])
+def test_errors_in_the_users_aux_code_are_one_line(tmp_path, capsys, source, message):
+    from vrpo.cli import main
+
+    data, samples = _setup(tmp_path)
+    (tmp_path / "judge.py").write_text(source)
+    spec = f"{tmp_path / 'judge.py'}:g"
+    rc = main(["score", "--aux", spec, "--data", str(data), "--samples", str(samples), "--out", str(tmp_path / "o")])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "scoring pairs" not in line]  # no bar
+    assert rc == 2 and len(err) == 1 and err[0].startswith("vrpo score: error: "), err
+    import re
+
+    assert re.search(message.replace("{spec}", re.escape(spec)), err[0]), err[0]
+
+
+def test_an_aux_file_that_does_not_exist_is_named(tmp_path, capsys):
+    from vrpo.cli import main
+
+    data, samples = _setup(tmp_path)
+    rc = main(["score", "--aux", "nofile.py:f", "--data", str(data), "--samples", str(samples), "--out",
+               str(tmp_path / "o")])
+    assert rc == 2 and "--aux nofile.py:f: no such file 'nofile.py'" in capsys.readouterr().err
+    rc = main(["score", "--aux", "no_such_module:f", "--data", str(data), "--samples", str(samples), "--out",
+               str(tmp_path / "o")])
+    assert rc == 2 and "no module named 'no_such_module'" in capsys.readouterr().err
+
+
+def test_reference_samples_keep_their_truncation_flags(tmp_path, monkeypatch):
+    data, samples = _setup(tmp_path)
+    _install(monkeypatch, lambda p, a, b: [0.5] * len(a))
+    path = score_pairs("fake_aux_mod:g", str(data), str(samples), str(tmp_path / "out"))
+    assert all(r["ref_truncated"] == [False] * K for r in pq.read_table(path).to_pylist())

@@ -187,8 +187,9 @@ def test_k2_removes_no_gradient_variance_but_k8_does():
     res = gradient_variance(make_world("nonlinear"), replicates=150, n=100, seed=11)
     assert 0.85 < res["measured_ratio"]["2"] < 1.15
     assert res["measured_ratio"]["8"] < 0.7
-    assert res["predicted_ratio"]["2"] == pytest.approx(1.0)
-    assert abs(res["predicted_ratio"]["8"] - res["measured_ratio"]["8"]) < 0.15
+    # the prediction (from one dataset's reference pairs) against the measurement (over replicates)
+    for k in ("4", "8"):
+        assert abs(res["predicted_ratio"][k] - res["measured_ratio"][k]) < 0.15, k
 
 
 def test_vrpo_changes_nothing_when_bt_is_correct_and_helps_when_misspecified():
@@ -246,6 +247,12 @@ def test_bad_cli_input_is_one_line_error(tmp_path, capsys, argv, needle):
     assert len(err.splitlines()) == 1 and needle in err
 
 
-def test_methods_cover_the_required_names():
+def test_required_methods_run_and_vrpo_with_the_oracle_beats_the_base():
+    """Every method the report needs is registered and fits the same simulated datasets to
+    a finite error; with the oracle g and K = 4 the error is below the base's where BT is
+    misspecified (the testbed's headline, on a smaller run)."""
     assert REQUIRED_METHODS <= set(METHODS)
-    assert math.isfinite(1.0)
+    res = run_setting(make_world("nonlinear"), 12, 120, sorted(REQUIRED_METHODS | {"vrpo_oracle_k4"}), seed=5)
+    for name in REQUIRED_METHODS:
+        assert math.isfinite(res[name]["mse"]) and res[name]["failed_fits"] < 12, name
+    assert res["vrpo_oracle_k4"]["variance"] < res["base"]["variance"]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tests.pipeline_helpers import tiny_model_dir, write_pairs, write_scored
+from tests.pipeline_helpers import tiny_model_dir, write_pairs, write_samples_folder, write_scored
 from vrpo.train import VRPOConfig, train
 
 FAST = dict(per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, max_length=64, max_prompt_length=32)
@@ -31,7 +31,10 @@ def _loop_logp(model, prompt_ids, completion_ids):
     return sum(logp[t - 1, ids[0, t]] for t in range(len(prompt_ids), ids.shape[1]))
 
 
-def test_packed_vrpo_loss_equals_an_independent_loop(tmp_path):
+def test_packed_vrpo_loss_and_gradients_equal_an_independent_loop(tmp_path):
+    """B = 4 prompts, K = 3 reference samples, one sample masked out: the trainer's loss on one
+    packed, padded forward pass and its gradient w.r.t. every policy parameter equal those of
+    the VRPO formula written out with loops over unpadded sequences (one forward each)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     from vrpo.data import load_preferences
@@ -40,9 +43,9 @@ def test_packed_vrpo_loss_equals_an_independent_loop(tmp_path):
     from vrpo.train.reference import compute_reference_logps
     from vrpo.train.trainer import VRPOTrainer
 
-    path, K, beta = tiny_model_dir(), 3, 0.5
+    path, B, K, beta = tiny_model_dir(), 4, 3, 0.5
     tok = AutoTokenizer.from_pretrained(path)
-    rows = load_preferences(write_scored(tmp_path / "d.jsonl", n=2, k=K)).to_list()
+    rows = load_preferences(write_scored(tmp_path / "d.jsonl", n=B, k=K)).to_list()
     cfg = VRPOConfig(method="vrpo", beta=beta, **{k: v for k, v in FAST.items() if k.startswith("max")})
     feats = build_features(rows, tok, cfg, with_reference=True, num_ref_samples=K)
     ref = AutoModelForCausalLM.from_pretrained(path)
@@ -50,27 +53,46 @@ def test_packed_vrpo_loss_equals_an_independent_loop(tmp_path):
     for i, f in enumerate(feats):
         f.update(ref_chosen_logps=lp["chosen"][i], ref_rejected_logps=lp["rejected"][i], ref_logps=lp["samples"][str(i)])
     batch = PreferenceCollator(tok.pad_token_id, True)(feats)
-    assert batch["input_ids"].shape[0] == 2 * (2 + K) and batch["ref_aux_prob"].shape == (2, K, K)
+    assert batch["input_ids"].shape[0] == B * (2 + K) and batch["ref_aux_prob"].shape == (B, K, K)
+    mask = torch.ones(B, K, dtype=torch.bool)
+    mask[2, 1] = False  # row 2 has only samples 0 and 2: one pair
+    batch["ref_mask"] = mask
 
     policy = _perturbed(path)
     trainer = VRPOTrainer(model=policy, args=TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none",
                                                                 use_cpu=True), method=METHODS["vrpo"], vrpo_config=cfg)
-    packed = trainer.compute_loss(policy, batch).item()
+    packed = trainer.compute_loss(policy, batch)
+    packed_grads = torch.autograd.grad(packed, list(policy.parameters()), allow_unused=True)
 
     # independent: one unpadded forward per sequence, the VRPO formula written out with loops
-    f = lambda z: math.log1p(math.exp(-z))  # noqa: E731  -log sigmoid(z)
+    f = lambda z: torch.nn.functional.softplus(-z)  # noqa: E731  -log sigmoid(z)
     soft = lambda z, p: p * f(z) + (1 - p) * f(-z)  # noqa: E731
     ref.eval()
-    total = 0.0
     with torch.no_grad():
-        for feat in feats:
-            r = lambda pid, cid: beta * float(_loop_logp(policy, pid, cid) - _loop_logp(ref, pid, cid))  # noqa: E731
-            z = r(feat["prompt_ids"], feat["chosen_ids"]) - r(feat["prompt_ids"], feat["rejected_ids"])
-            rr = [r(feat["ref_prompt_ids"], ids) for ids in feat["ref_ids"]]
-            pairs = [(j, k) for j in range(K) for k in range(j + 1, K)]
-            ref_term = sum(soft(rr[j] - rr[k], feat["ref_aux_prob"][j][k]) for j, k in pairs) / len(pairs)
-            total += f(z) - soft(z, feat["aux_prob"]) + ref_term
-    assert packed == pytest.approx(total / len(feats), abs=1e-5)
+        ref_lp = {}
+        for i, feat in enumerate(feats):
+            ref_lp[i] = ([_loop_logp(ref, feat["prompt_ids"], feat["chosen_ids"]),
+                          _loop_logp(ref, feat["prompt_ids"], feat["rejected_ids"])],
+                         [_loop_logp(ref, feat["ref_prompt_ids"], ids) for ids in feat["ref_ids"]])
+    total = 0.0
+    for i, feat in enumerate(feats):
+        r = lambda pid, cid, ref_value: beta * (_loop_logp(policy, pid, cid) - ref_value)  # noqa: E731
+        z = r(feat["prompt_ids"], feat["chosen_ids"], ref_lp[i][0][0]) - r(feat["prompt_ids"], feat["rejected_ids"],
+                                                                            ref_lp[i][0][1])
+        rr = [r(feat["ref_prompt_ids"], ids, ref_lp[i][1][j]) for j, ids in enumerate(feat["ref_ids"])]
+        pairs = [(j, k) for j in range(K) for k in range(j + 1, K) if mask[i, j] and mask[i, k]]
+        ref_term = sum(soft(rr[j] - rr[k], feat["ref_aux_prob"][j][k]) for j, k in pairs) / len(pairs)
+        total = total + f(z) - soft(z, feat["aux_prob"]) + ref_term
+    loop = total / B
+    loop_grads = torch.autograd.grad(loop, list(policy.parameters()), allow_unused=True)
+    assert packed.item() == pytest.approx(loop.item(), abs=1e-5)
+    checked = 0
+    for (name, _), a, b in zip(policy.named_parameters(), packed_grads, loop_grads):
+        if a is None and b is None:
+            continue
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-4, msg=name)
+        checked += 1
+    assert checked > 10 and max(g.abs().max().item() for g in packed_grads if g is not None) > 1e-4
 
 
 def test_run_folder_metrics_tensorboard_and_model(tmp_path):
@@ -119,12 +141,9 @@ def test_resume_gives_the_same_loss_trajectory(tmp_path):
 
 def _samples_dir(tmp_path, rows, fingerprint, logps_shift=0.0, from_ref=True):
     """A samples folder as `vrpo sample` writes it, with exact log-probs (shifted to corrupt)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vrpo.data import tokenize_completions
-    from vrpo.provenance import write_manifest
     from vrpo.sampling import sequence_logps_under
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir())
@@ -135,12 +154,9 @@ def _samples_dir(tmp_path, rows, fingerprint, logps_shift=0.0, from_ref=True):
         lps = sequence_logps_under(model, [p] * len(cs), cs, tok.pad_token_id)
         table.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "samples": r["ref_samples"],
                       "ref_logps": [x + logps_shift for x in lps]})
-    folder = tmp_path / f"samples-{fingerprint[:4]}-{logps_shift}-{from_ref}"
-    folder.mkdir(exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(table), folder / "samples.parquet")
-    write_manifest(folder, {"model_fingerprint": fingerprint, "from_reference_policy": from_ref,
-                            "not_reference_reason": None if from_ref else "temperature 0.7"})
-    return folder
+    return write_samples_folder(tmp_path / f"samples-{fingerprint[:4]}-{logps_shift}-{from_ref}", table,
+                                model_fingerprint=fingerprint, from_reference_policy=from_ref,
+                                not_reference_reason=None if from_ref else "temperature 0.7")
 
 
 def test_provenance_mismatch_refused_unless_allowed(tmp_path):
@@ -171,13 +187,23 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
         (["--method", "vrpo", "--data", str(scored), "--num-ref-samples", "5"], "fewer than --num-ref-samples 5"),
         (["--method", "vrpo", "--data", str(pairs)], "row 0 has 0 reference samples"),
         (["--method", "dpo", "--data", str(pairs), "--model", str(tmp_path / "nowhere")], "not a local model folder"),
-        (["--method", "nope", "--data", str(pairs)], "--method nope: unknown"),
+        (["--method", "nope", "--data", str(pairs)], "argument --method: invalid choice: 'nope'"),
         (["--method", "dpo", "--data", str(pairs), "--max-prompt-length", "2"], "row 0: prompt has"),
+        # training that trains nothing, and numbers that make no sense, stop at the flag
+        (["--method", "dpo", "--data", str(pairs), "--max-steps", "0"], "argument --max-steps: '0': expected a positive"),
+        (["--method", "dpo", "--data", str(pairs), "--num-train-epochs", "0"], "argument --num-train-epochs: '0'"),
+        (["--method", "dpo", "--data", str(pairs), "--learning-rate", "-1e-5"], "argument --learning-rate"),
+        (["--method", "dpo", "--data", str(pairs), "--training-args", "[1]"], "expected a JSON object"),
+        (["--method", "cdpo", "--data", str(pairs), "--label-smoothing", "0.5"], "expected a rate in [0, 0.5)"),
     ]
     capsys.readouterr()  # drop the tiny model's build output
     for extra, message in cases:
         argv = ["train", "--model", model, "--out", str(tmp_path / "o"), *extra]
-        assert main(argv) == 2, extra
+        try:
+            code = main(argv)
+        except SystemExit as e:  # the argument parser's own one-line errors
+            code = e.code
+        assert code == 2, extra
         err = capsys.readouterr().err.strip().splitlines()[-1]  # progress bars may precede it
         assert err.startswith("vrpo train: error: ") and message in err, (extra, err)
 
@@ -187,12 +213,12 @@ def test_config_file_and_flag_precedence(tmp_path):
 
     from vrpo.train.cli import add_arguments, config_from_args
 
-    (tmp_path / "c.yaml").write_text("method: dpo\nbeta: 0.3\nmax-length: 128\nreport_to: [tensorboard]\n")
+    (tmp_path / "c.yaml").write_text("method: dpo\nbeta: 0.3\nmax-length: 384\nreport_to: [tensorboard]\n")
     p = argparse.ArgumentParser()
     add_arguments(p)
     cfg = config_from_args(p.parse_args(["--config", str(tmp_path / "c.yaml"), "--beta", "0.2", "--model", "m",
                                          "--data", "d", "--out", "o", "--no-disable-dropout"]))
-    assert (cfg.method, cfg.beta, cfg.max_length, cfg.report_to, cfg.disable_dropout) == ("dpo", 0.2, 128, ["tensorboard"], False)
+    assert (cfg.method, cfg.beta, cfg.max_length, cfg.report_to, cfg.disable_dropout) == ("dpo", 0.2, 384, ["tensorboard"], False)
     (tmp_path / "bad.yaml").write_text("betta: 0.3\n")
     with pytest.raises(ValueError, match="unknown setting 'betta'"):
         config_from_args(p.parse_args(["--config", str(tmp_path / "bad.yaml")]))
@@ -267,3 +293,104 @@ def test_reference_pass_runs_on_the_training_device(tmp_path, monkeypatch):
     prepare(cfg, targs)
     assert asked == [targs.device]  # the process's device is passed on (a GPU on a GPU machine)
     assert seen and all(d == targs.device for d in seen)
+
+
+# --------------------------------------------------------------------------- nothing silently wrong
+def test_a_run_folder_is_resumed_only_by_the_same_inputs(tmp_path, capsys):
+    """A VRPO run's folder, then `--method dpo --learning-rate 1e-3` into it: refused in one line
+    naming what differs (it used to resume the VRPO checkpoint under the DPO name). --overwrite
+    starts over; config.yaml and the model card then hold only what applies to DPO."""
+    from vrpo.cli import main
+
+    out = tmp_path / "run"
+    data = write_scored(tmp_path / "d.jsonl", n=4)
+    common = ["--model", str(tiny_model_dir()), "--data", str(data), "--out", str(out), "--max-steps", "1",
+              "--per-device-train-batch-size", "2", "--max-length", "64", "--max-prompt-length", "32"]
+    assert main(["train", "--method", "vrpo", *common]) == 0
+    capsys.readouterr()
+    assert main(["train", "--method", "dpo", "--learning-rate", "1e-3", *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "method: vrpo -> dpo; learning_rate: 1e-05 -> 0.001" in err and "--overwrite" in err, err
+    assert main(["train", "--method", "dpo", "--learning-rate", "1e-3", "--overwrite", *common]) == 0
+    import yaml
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["method"] == "dpo" and config["learning_rate"] == 1e-3
+    assert not {"flip_rate", "label_smoothing", "control_variate_coef", "num_ref_samples", "samples"} & set(config)
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "flip" not in card and "# DPO fine-tune" in card
+    capsys.readouterr()
+    assert main(["train", "--method", "dpo", "--learning-rate", "1e-3", "--logging-steps", "5", *common]) == 0  # resumes
+
+
+def test_cdpo_card_states_its_epsilon(tmp_path):
+    out = train(VRPOConfig(method="cdpo", label_smoothing=0.2, model=str(tiny_model_dir()),
+                           data=str(write_pairs(tmp_path / "d.jsonl", n=2)), out=str(tmp_path / "c"), max_steps=1, **FAST))
+    card = (out / "README.md").read_text()
+    assert "- label_smoothing = 0.2: cDPO's epsilon" in card and "flip_rate" not in card
+    assert "label_smoothing: 0.2" in (out / "config.yaml").read_text()
+
+
+def test_config_values_are_checked_like_flags():
+    """The Python API and config files obey the flags' rules: no run that trains nothing."""
+    for bad, message in [(dict(max_steps=0), "--max-steps 0: expected a positive number of optimiser steps, or -1"),
+                         (dict(num_train_epochs=0), "--num-train-epochs 0"), (dict(learning_rate=-1.0), "--learning-rate"),
+                         (dict(training_args=[1]), "--training-args"), (dict(flip_rate=0.5), "--flip-rate 0.5"),
+                         (dict(lr_scheduler_type="sometimes"), "--lr-scheduler-type sometimes: unknown"),
+                         (dict(method="ppo"), "--method ppo: unknown"), (dict(max_length=128), "--max-prompt-length 256")]:
+        with pytest.raises(ValueError, match=message):
+            VRPOConfig(model="m", data="d", out="o", **bad).validate()
+    from vrpo.train.reward_model import RewardModelConfig
+
+    with pytest.raises(ValueError, match="--max-steps 0"):
+        RewardModelConfig(model="m", data="d", out="o", max_steps=0).validate()
+
+
+def test_identical_pairs_are_dropped_counted_and_reported(tmp_path, capsys):
+    from vrpo.cli import main
+
+    rows = [json.loads(line) for line in write_pairs(tmp_path / "d.jsonl", n=4).read_text().splitlines()]
+    rows[1]["rejected"] = rows[1]["chosen"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["train", "--method", "dpo", "--model", str(tiny_model_dir()), "--data", str(tmp_path / "d.jsonl"),
+                 "--out", str(tmp_path / "run"), "--max-steps", "1", "--max-length", "64", "--max-prompt-length", "32"]) == 0
+    assert "trained on 3 pairs; dropped 1 of 4 whose chosen and rejected responses are identical" in capsys.readouterr().out
+    prov = json.loads((tmp_path / "run" / "manifests" / "provenance.json").read_text())
+    assert prov["data_checks"]["dropped_identical_pairs"] == 1 and prov["num_examples"] == 3
+
+
+def test_a_sequence_longer_than_the_model_context_is_refused_before_any_forward_pass(tmp_path, capsys):
+    """The tiny model has 128 positions; --max-length 512 (the default) lets a long prompt
+    through the tokeniser, but not into the model."""
+    from vrpo.cli import main
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "The movie was great. " * 30, "chosen": " yes",
+                                                  "rejected": " no"}) + "\n")
+    rc = main(["train", "--method", "dpo", "--model", str(tiny_model_dir()), "--data", str(tmp_path / "d.jsonl"),
+               "--out", str(tmp_path / "run"), "--max-steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "row 0 (chosen): " in err and "exceed the model's context of 128 positions" in err, err
+
+
+def test_a_damaged_checkpoint_is_named_in_one_line(tmp_path, capsys):
+    from vrpo.cli import main
+
+    argv = ["train", "--method", "dpo", "--model", str(tiny_model_dir()), "--data", str(write_pairs(tmp_path / "d.jsonl",
+            n=4)), "--out", str(tmp_path / "run"), "--max-steps", "2", "--save-steps", "1", "--max-length", "64",
+            "--max-prompt-length", "32", "--per-device-train-batch-size", "2"]
+    assert main(argv) == 0
+    weights = tmp_path / "run" / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a write cut short
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "checkpoint-2: model.safetensors is damaged" in err and "--overwrite" in err, err
+
+
+def test_stored_log_probs_are_spot_checked_across_the_whole_table():
+    from vrpo.train.reference import spot_check_positions
+
+    picked = spot_check_positions(1000, 8, seed=3)
+    assert len(picked) == 8 and picked[0] == 0 and picked[-1] == 999 and len(set(picked)) == 8
+    assert max(picked) - min(picked) == 999 and sum(p > 500 for p in picked) >= 2  # not just the first rows
+    assert spot_check_positions(5, 8) == [0, 1, 2, 3, 4]

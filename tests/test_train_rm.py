@@ -8,6 +8,7 @@ from vrpo import losses
 from vrpo.cli import main
 from vrpo.policy_stage import RewardModelScorer, load_reward_model
 from vrpo.testing import build_tiny_causal_lm
+from tests.pipeline_helpers import write_samples_folder
 from vrpo.train.reward_model import (
     RewardModelConfig, load_reward_features, margin_variance_across_seeds, pair_margins, reward_accuracy,
     train_reward_model, unpack_rewards, _build_model, _trainer_class,
@@ -104,7 +105,8 @@ def test_train_rm_command_end_to_end(setup, tmp_path, method):
     assert all(("vrpo/control_variate" in x) == (method == "vrpo") for x in steps)
     for name in ("config.yaml", "versions.json", "manifests/provenance.json", "README.md", "model.safetensors"):
         assert (out / name).is_file(), name
-    assert f"tags: [vrpo, reward-model, {method}]" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\ntags:\n- vrpo\n- reward-model\n") and f"- {method}\n" in card
     # the folder is a reward model for the policy stage, and training moved it on the data
     model, tok = load_reward_model(out)
     assert model.config.num_labels == 1
@@ -115,10 +117,21 @@ def test_train_rm_command_end_to_end(setup, tmp_path, method):
 
 
 def test_resume_gives_the_uninterrupted_trajectory(setup, tmp_path):
-    kw = dict(method="vrpo", lr_scheduler_type="constant", save_steps=2, max_steps=4)
+    """As `vrpo train`: a run killed after its checkpoint at step 2, rerun with the same inputs,
+    resumes there (no flag needed) and logs the losses of the run that was never killed."""
+    from transformers import TrainerCallback
+
+    class KillAt2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise KeyboardInterrupt("killed")
+
+    kw = dict(method="vrpo", save_steps=2, max_steps=4)
     straight = train_reward_model(_cfg(setup, tmp_path, out=str(tmp_path / "a"), **kw))
-    train_reward_model(_cfg(setup, tmp_path, out=str(tmp_path / "b"), **{**kw, "max_steps": 2}))
-    resumed = train_reward_model(_cfg(setup, tmp_path, out=str(tmp_path / "b"), **kw), resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        train_reward_model(_cfg(setup, tmp_path, out=str(tmp_path / "b"), **kw), callbacks=[KillAt2()])
+    assert (tmp_path / "b" / "checkpoints" / "checkpoint-2").is_dir()
+    resumed = train_reward_model(_cfg(setup, tmp_path, out=str(tmp_path / "b"), **kw))
 
     def losses_of(run):
         return [x["loss"] for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
@@ -155,9 +168,9 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):
     rc = main(["train-rm", "--model", str(setup["model"]), "--data", str(bad), "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "'rejected'" in err and "misnamed" in err, err
-    with pytest.raises(ValueError, match="unknown reward-model method 'dpo'"):
+    with pytest.raises(ValueError, match=r"--method dpo: unknown; expected one of \['bt', 'vrpo'\]"):
         _cfg(setup, tmp_path, method="dpo").validate()
-    with pytest.raises(ValueError, match="is not a model folder"):
+    with pytest.raises(ValueError, match="not a local model folder"):
         train_reward_model(_cfg(setup, tmp_path, model=str(tmp_path / "none")))
     cfg_file = tmp_path / "rm.yaml"
     cfg_file.write_text("learning_rate: 0.001\nbetta: 0.1\n")
@@ -230,21 +243,15 @@ def test_gradient_accumulation_matches_one_big_batch(setup, tmp_path):
 def test_samples_from_another_policy_are_refused_unless_allowed(setup, tmp_path, capsys):
     """Reference samples drawn at T = 0.7 (not pi_ref): a one-line refusal; allowed, it is recorded."""
     from vrpo.data import prompt_id_of
-    from vrpo.provenance import fingerprint_model, write_manifest
+    from vrpo.provenance import fingerprint_model
 
     rows = _scored_rows()
     data = tmp_path / "scored_no_refs.jsonl"  # the references come from --samples, joined by prompt_id
     data.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "ref_samples"}) + "\n" for r in rows))
-    samples = tmp_path / "samples"
-    samples.mkdir()
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = [{"prompt_id": prompt_id_of(r["prompt"]), "prompt": r["prompt"], "samples": r["ref_samples"],
               "ref_logps": [-5.0, -6.0, -7.0]} for r in rows]
-    pq.write_table(pa.Table.from_pylist(table), samples / "samples.parquet")
-    write_manifest(samples, {"model_fingerprint": fingerprint_model(setup["model"]), "from_reference_policy": False,
-                             "not_reference_reason": "temperature 0.7"})
+    samples = write_samples_folder(tmp_path / "samples", table, model_fingerprint=fingerprint_model(setup["model"]),
+                                   from_reference_policy=False, not_reference_reason="temperature 0.7")
     args = ["train-rm", "--method", "vrpo", "--model", str(setup["model"]), "--data", str(data), "--samples",
             str(samples), "--ref-model", str(setup["model"]), "--max-steps", "1", "--per-device-train-batch-size", "2",
             "--max-length", "64", "--max-prompt-length", "32"]

@@ -9,6 +9,10 @@ predictions of this data (``oof.parquet`` from ``vrpo fit-aux``) they are used: 
 that saw a label would agree with it and hide the disagreement. Writes to AUDIT_DIR:
 ``audit.csv`` (every pair, most disputed first), ``audit.md`` (summary, by slice when the
 data has a slice/category column, the top pairs) and ``disagreement.png`` (histogram of g).
+
+Conversational rows are rendered with the chat template of ``--tokenizer`` (the reference
+model's folder, as ``vrpo fit-aux`` got it); g sees, and the tables show, the rendered
+prompt and each reply as plain text (``vrpo.data.aux_texts``).
 """
 from __future__ import annotations
 
@@ -32,24 +36,32 @@ PLURALISM_NOTE = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vrpo.cli_args import POSITIVE_INT, add_overwrite_flag
+
     parser.add_argument("--data", required=True, help="labelled preference pairs (JSONL, Parquet, CSV, saved dataset)")
     parser.add_argument("--aux", required=True,
                         help="a `vrpo fit-aux` folder (its out-of-fold predictions are used when they cover the data), "
-                             "module:function / file.py:function (a judge), or column:NAME (precomputed g)")
+                             "module:function / file.py:function (a judge: vrpo imports and RUNS this code, so pass "
+                             "only code you trust), or column:NAME (precomputed g)")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--slice-column", default=None,
                         help=f"column to summarise by (default: the first of {list(SLICE_COLUMNS)} present)")
-    parser.add_argument("--top", type=int, default=20, help="pairs listed in audit.md")
-    parser.add_argument("--max-rows", type=int, default=None, help="use only the first N pairs")
+    parser.add_argument("--top", type=POSITIVE_INT, default=20, help="pairs listed in audit.md")
+    parser.add_argument("--max-rows", type=POSITIVE_INT, default=None, help="use only the first N pairs (default: all)")
+    add_overwrite_flag(parser)
+    # conversational data (message lists): which chat template renders it
+    parser.add_argument("--tokenizer", default=None,
+                        help="the reference model's folder, whose chat template renders conversational rows "
+                             "(as `vrpo sample` and `vrpo fit-aux` did; plain-string data needs none)")
 
 
 def aux_probabilities(spec: str, data) -> tuple[list[float], str]:
     """g(x, chosen, rejected) per row and where it came from (out-of-fold / column / model)."""
     from vrpo.aux import ColumnAux, resolve_aux
     from vrpo.aux.io import load_oof
-    from vrpo.data import check_probability_column
+    from vrpo.data import aux_texts, check_probability_column
 
-    prompts, chosen, rejected = list(data["prompt"]), list(data["chosen"]), list(data["rejected"])
+    prompts, chosen, rejected = aux_texts(data)
     if Path(spec).is_dir():
         try:
             oof = load_oof(spec, prompts, chosen, rejected)
@@ -80,6 +92,9 @@ def disagreement_table(data, g, slice_col):
     import numpy as np
     import pandas as pd
 
+    from vrpo.data import aux_texts
+
+    prompts, chosen, rejected = aux_texts(data)
     p = np.clip(np.asarray(g, dtype=np.float64), 1e-12, 1.0)
     table = pd.DataFrame({
         "row": np.arange(len(p)),
@@ -87,9 +102,9 @@ def disagreement_table(data, g, slice_col):
         "slice": [str(s) for s in data[slice_col]] if slice_col else "all",
         "aux_prob": np.asarray(g, dtype=np.float64),
         "surprise": -np.log(p),
-        "prompt": list(data["prompt"]),
-        "chosen": list(data["chosen"]),
-        "rejected": list(data["rejected"]),
+        "prompt": prompts,
+        "chosen": chosen,
+        "rejected": rejected,
     })
     table = table.sort_values(["surprise", "row"], ascending=[False, True], kind="stable").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
@@ -162,18 +177,22 @@ def plot_histogram(g, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from vrpo.data import load_preferences
-    from vrpo.provenance import atomic_write_text
+    from vrpo.aux.base import aux_identity
+    from vrpo.data import chat_template_source, load_preferences, tokenizer_identity
+    from vrpo.errors import check_readable
+    from vrpo.outputs import claim_output
+    from vrpo.provenance import atomic_write_text, fingerprint_data
 
-    if args.top < 1:
-        raise ValueError(f"--top {args.top}: expected at least 1")
-    data = load_preferences(args.data, max_rows=args.max_rows)
+    inputs = {"data": fingerprint_data(check_readable(args.data, "--data", "a preference file")),
+              "max_rows": args.max_rows, "aux": aux_identity(args.aux), "slice_column": args.slice_column, "top": args.top,
+              "tokenizer": tokenizer_identity(args.tokenizer)}
+    claim_output(args.out, "audit", inputs, overwrite=args.overwrite)
+    data = load_preferences(args.data, chat_template_source(tokenizer=args.tokenizer), max_rows=args.max_rows)
     slice_col = slice_column(data, args.slice_column)
     g, source = aux_probabilities(args.aux, data)
     table = disagreement_table(data, g, slice_col)
     summary = slice_summary(table)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tmp = out / "audit.csv.tmp"
     table.to_csv(tmp, index=False)
     os.replace(tmp, out / "audit.csv")

@@ -26,7 +26,8 @@ from vrpo.errors import UserError
 
 __all__ = [
     "ArgKind", "POSITIVE_INT", "NONNEGATIVE_INT", "POSITIVE_FLOAT", "NONNEGATIVE_FLOAT", "PROBABILITY",
-    "OPEN_PROBABILITY", "HALF_OPEN_RATE", "SEED", "int_list", "json_object", "OneLineParser", "add_overwrite_flag",
+    "OPEN_PROBABILITY", "HALF_OPEN_RATE", "RATE_BELOW_ONE", "SEED", "MAX_STEPS", "int_at_least", "int_list",
+    "json_object", "OneLineParser", "DefaultsHelpFormatter", "add_overwrite_flag",
 ]
 
 
@@ -83,6 +84,15 @@ NONNEGATIVE_FLOAT = ArgKind("nonnegative_float", float, lambda v: math.isfinite(
 PROBABILITY = ArgKind("probability", float, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]")
 OPEN_PROBABILITY = ArgKind("open_probability", float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
 HALF_OPEN_RATE = ArgKind("rate_below_half", float, lambda v: 0.0 <= v < 0.5, "a rate in [0, 0.5)")
+RATE_BELOW_ONE = ArgKind("rate_below_one", float, lambda v: 0.0 <= v < 1.0, "a rate in [0, 1)")
+# a Trainer's max_steps: -1 hands the length to the epoch count; 0 would train nothing and save the start as a fine-tune
+MAX_STEPS = ArgKind("max_steps", _int, lambda v: v == -1 or v >= 1,
+                    "a positive number of optimiser steps, or -1 (train for the number of epochs)")
+
+
+def int_at_least(minimum: int) -> ArgKind:
+    """An integer >= ``minimum`` (``--num-samples`` needs 2 reference samples per prompt)."""
+    return ArgKind(f"int_min_{minimum}", _int, lambda v: v >= minimum, f"an integer >= {minimum}")
 
 
 def int_list(minimum: int = 1) -> ArgKind:
@@ -109,8 +119,30 @@ def _json_object(value: Any) -> dict:
 json_object = ArgKind("json_object", _json_object, lambda v: True, 'a JSON object, e.g. \'{"fsdp": "full_shard"}\'')
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help already names it (a default
+    that needs words: ``(default: all prompts)``) or the flag is required: ``(default: off)``
+    for a switch, ``(default: none)`` for an unset value, else ``(default: %(default)s)``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or not action.option_strings or action.default is argparse.SUPPRESS \
+                or "default" in text or "(required" in text:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        if action.default is None or action.default == [] or action.default == {}:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line and exit status 2 (no usage block)."""
+    """An ``ArgumentParser`` whose errors are one line and exit status 2 (no usage block), and
+    whose help shows every flag's default (:class:`DefaultsHelpFormatter`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
@@ -124,5 +156,5 @@ class OneLineParser(argparse.ArgumentParser):
 def add_overwrite_flag(p: argparse.ArgumentParser, what: str = "the output folder") -> None:
     """``--overwrite``: the one way, shared by every command, to start ``--out`` over."""
     p.add_argument("--overwrite", action="store_true",
-                   help=f"delete {what} and start over when it was made from other inputs (default: refuse, "
-                        "naming what differs; a folder made from the same inputs is resumed)")
+                   help=f"delete the contents of {what} and start over (default: a folder made from the same "
+                        "inputs is resumed, one made from other inputs is refused, naming what differs)")

@@ -166,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"data: {path} lacks column(s) {missing}; expected the scored data of `vrpo score`")
     report = diagnose_frame(df, ks, args.features)
+    if not report["total"] > 0:  # shares of a zero variance would print as nan
+        raise ValueError(f"data: {path}: the base loss's gradient does not vary over these {report['n']} examples "
+                         "(every pair's chosen and rejected responses have the same features, e.g. chosen == "
+                         "rejected): there is no variance to split")
     print(format_report(report, source=str(path)))
     if args.json:
         tmp = Path(args.json + ".tmp")
@@ -214,5 +218,6 @@ def format_report(r: dict, source: str = "") -> str:
              "  K      removable share   VRPO/base variance (predicted, measured)"]
     for k, v in r["removable_share"].items():
         meas = r["measured_ratio"].get(k)
-        lines.append(f"  {k:<6} {v:8.1%}           {r['predicted_ratio'][k]:.2f}" + (f", {meas:.2f}" if meas is not None else ""))
+        shown = "" if meas is None else (f", {meas:.2f}" if np.isfinite(meas) else ", n/a")
+        lines.append(f"  {k:<6} {v:8.1%}           {r['predicted_ratio'][k]:.2f}" + shown)
     return "\n".join(lines)

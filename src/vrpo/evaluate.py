@@ -59,6 +59,7 @@ def bootstrap_ci(values, statistic: Callable[[np.ndarray], float] = np.mean, *, 
     """Percentile bootstrap CI of ``statistic(values)``, resampling the N units with replacement.
 
     ``values``: [N] or [N, ...] (rows are the units); ``statistic`` maps such an array to a number.
+    numpy only, so the core install (which has no scipy) can report CIs (``vrpo gate``).
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level: {level}; expected a confidence level in (0, 1)")
@@ -77,7 +78,9 @@ def seed_prompt_bootstrap_ci(values, statistic: Callable[[np.ndarray], float] = 
     """Two-level percentile bootstrap for a [S, P] table (seeds x prompts): resample the S
     seeds and, independently, the P prompts (the same prompts for every seed, so pairs made on
     a prompt stay paired). Counts both sources of variation: training randomness (seeds) and
-    which prompts were evaluated. With S = 1 it is the ordinary bootstrap over prompts."""
+    which prompts were evaluated. With S = 1 it is the ordinary bootstrap over prompts.
+    Written here because no kept library has it: ``scipy.stats.bootstrap`` resamples the
+    units of each sample on their own, not the crossed rows and columns of one table."""
     if not 0.0 < level < 1.0:
         raise ValueError(f"level: {level}; expected a confidence level in (0, 1)")
     v = np.asarray(values, dtype=np.float64)

@@ -1,15 +1,14 @@
 """``vrpo label``: a simulated reviewer panel labels pairs of reference samples.
 
 Takes the first two samples of each prompt in a ``vrpo sample`` folder (two responses
-drawn from pi_ref: the labelled pair of METHOD.md) and asks the panel (``vrpo.gate.PANELS``)
-which one it prefers. One reviewer labels each pair: a group drawn by its share, who may be
+drawn from pi_ref: the labelled pair the estimator assumes, docs/method.md) and asks the
+panel (``PANELS``) which one it prefers. One reviewer labels each pair: a group drawn by its share, who may be
 fatigued (a coin flip), so the label's expectation is the panel's p*.
 
 Output ``OUT/pairs.jsonl``: ``prompt_id``, ``prompt``, ``chosen``, ``rejected``, ``slice``,
 ``p_star`` (= p*(x, chosen, rejected): the truth, for evaluation only, never for training),
 ``reviewer_group``, ``fatigued``; and ``OUT/manifest.json``: the panel, the seed and the
-samples' manifest (which checkpoint and settings produced the candidates: the seed's
-"log which checkpoint generated preference candidates"). Pairs whose two responses are
+samples' manifest (which checkpoint and settings produced the candidates the labels judge). Pairs whose two responses are
 identical or empty carry no preference and are dropped (counted in the manifest).
 """
 from __future__ import annotations
@@ -19,48 +18,55 @@ import json
 from pathlib import Path
 
 PAIRS_FILE = "pairs.jsonl"
+# name -> "module:attribute" of a panel object with .label(prompts, a, b, random_state),
+# .preference_prob(prompts, a, b) (p*), .slices(prompts), .fatigue and .groups.
+PANELS: dict[str, str] = {
+    "scheduling": "vrpo.experiments.scheduling.panel:DEFAULT_PANEL",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vrpo.gate import PANELS
+    from vrpo.cli_args import SEED, add_overwrite_flag
 
     parser.add_argument("--samples", required=True, help="a `vrpo sample` folder with at least 2 samples per prompt")
     parser.add_argument("--out", required=True, help="output folder (pairs.jsonl + manifest.json)")
     parser.add_argument("--panel", default="scheduling", choices=sorted(PANELS), help="the reviewer panel")
-    parser.add_argument("--seed", type=int, default=0, help="draws the reviewer of each pair and their choice")
+    parser.add_argument("--seed", type=SEED, default=0, help="draws the reviewer of each pair and their choice")
+    add_overwrite_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from vrpo.gate import load_panel
+    from vrpo.outputs import claim_output
     from vrpo.provenance import atomic_write_text, now_utc, read_manifest, write_manifest
+    from vrpo.sampling import read_samples, samples_fingerprint
+
     samples_dir = Path(args.samples)
-    if not (samples_dir / "manifest.json").exists():
-        raise ValueError(f"--samples {samples_dir}: no manifest.json; expected a folder written by `vrpo sample`")
+    out = claim_output(args.out, "label", {"samples": samples_fingerprint(samples_dir), "panel": args.panel,
+                                           "seed": args.seed}, overwrite=args.overwrite)
     panel = load_panel(args.panel)
     rows, dropped = candidate_pairs(read_samples(samples_dir), str(samples_dir))
     if not rows:
         raise ValueError(f"--samples {samples_dir}: no prompt has two distinct non-empty samples to label")
     pairs = label_pairs(panel, rows, args.seed)
-    atomic_write_text(Path(args.out) / PAIRS_FILE, "".join(json.dumps(r) + "\n" for r in pairs))
+    atomic_write_text(out / PAIRS_FILE, "".join(json.dumps(r) + "\n" for r in pairs))
     summary = noise_summary(pairs)
-    write_manifest(args.out, {"kind": "labelled_pairs", "panel": args.panel, "fatigue": panel.fatigue,
-                              "groups": {k: vars(g) for k, g in panel.groups.items()}, "seed": args.seed,
-                              "pairs": len(pairs), "dropped_identical_or_empty": dropped, "by_slice": summary,
-                              "samples": str(samples_dir), "samples_manifest": read_manifest(samples_dir), "time": now_utc()})
-    print(f"labelled {len(pairs)} pairs ({dropped} dropped: identical or empty) -> {Path(args.out) / PAIRS_FILE}")
+    write_manifest(out, {"kind": "labelled_pairs", "panel": args.panel, "fatigue": panel.fatigue,
+                         "groups": {k: vars(g) for k, g in panel.groups.items()}, "seed": args.seed,
+                         "pairs": len(pairs), "dropped_identical_or_empty": dropped, "by_slice": summary,
+                         "samples": str(samples_dir), "samples_manifest": read_manifest(samples_dir), "time": now_utc()})
+    print(f"labelled {len(pairs)} pairs ({dropped} dropped: identical or empty) -> {out / PAIRS_FILE}")
     for name, s in summary.items():
         print(f"  {name:20s} n={s['n']:4d}  label against p* majority: {s['against_majority']:.2f}  fatigued: {s['fatigued']:.2f}")
     return 0
 
 
-def read_samples(folder: Path) -> list[dict]:
-    """Rows of ``FOLDER/samples.parquet`` (docs/architecture.md: prompt_id, prompt, samples, ...)."""
-    import pyarrow.parquet as pq
+def load_panel(name: str):
+    import importlib
 
-    path = folder / "samples.parquet"
-    if not path.exists():
-        raise ValueError(f"--samples {folder}: no samples.parquet; expected a folder written by `vrpo sample`")
-    return pq.read_table(path).to_pylist()
+    if name not in PANELS:
+        raise ValueError(f"--panel {name}: unknown; expected one of {sorted(PANELS)}")
+    module, attr = PANELS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def candidate_pairs(sample_rows: list[dict], source: str) -> tuple[list[dict], int]:

@@ -46,6 +46,8 @@ __all__ = [
     "cdpo_loss",
     "rdpo_loss",
     "sequence_logps",
+    "token_logps",
+    "sum_by_sequence",
     "implicit_rewards",
     "antisymmetrize",
     "pair_indices",
@@ -352,6 +354,55 @@ def sequence_logps(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -
     # log_softmax at the target = logit_target - logsumexp(logits): avoids a [B, T, V] copy
     tok = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
     return (tok * mask).sum(-1)
+
+
+def token_logps(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, chunk_size: int) -> Tensor:
+    """``log softmax(head(hidden[m]))[targets[m]]`` for each of M tokens, ``chunk_size`` at a time.
+
+    ``hidden[m]`` is the state that predicts ``targets[m]`` (for a causal LM: the final hidden
+    state one position earlier) and ``head`` maps states to logits (the LM head, with its bias
+    or tied weight; ``lambda x: x`` when ``hidden`` already holds logits). Only one chunk's
+    [chunk_size, V] logits exist at a time: when autograd records and there is more than one
+    chunk, each chunk is recomputed in the backward pass (torch.utils.checkpoint) instead of
+    being kept, so the full [M, V] block is never held. Half-precision logits are summed in
+    float32, as in :func:`sequence_logps`.
+
+    Shapes: hidden [M, d], targets [M] (long); returns [M] (float32, or float64 for float64 logits).
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden: shape {tuple(hidden.shape)}; expected [M, d] with M = {tuple(targets.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: {chunk_size}; expected a positive number of tokens")
+
+    def chunk_logps(h: Tensor, t: Tensor) -> Tensor:
+        logits = head(h)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        # log_softmax at the target = logit_target - logsumexp(logits)
+        return torch.gather(logits, -1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+    starts = range(0, max(hidden.shape[0], 1), chunk_size)  # M = 0: one empty chunk, still on the graph
+    recompute = torch.is_grad_enabled() and len(starts) > 1
+    parts = []
+    for s in starts:
+        h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+        if recompute:
+            from torch.utils.checkpoint import checkpoint
+
+            parts.append(checkpoint(chunk_logps, h, t, use_reentrant=False))
+        else:
+            parts.append(chunk_logps(h, t))
+    return torch.cat(parts)
+
+
+def sum_by_sequence(token_values: Tensor, sequence: Tensor, num_sequences: int) -> Tensor:
+    """Sum of the tokens' values per sequence: ``out[s] = sum of token_values[m] with sequence[m] = s``.
+
+    Shapes: token_values [M], sequence [M] (long, in [0, num_sequences)); returns [num_sequences].
+    """
+    _check_same_shape(token_values=token_values, sequence=sequence)
+    out = token_values.new_zeros(num_sequences)
+    return out.index_add(0, sequence, token_values)
 
 
 def implicit_rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> Tensor:

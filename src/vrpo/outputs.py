@@ -12,8 +12,10 @@ in ``inputs.json``:
 - a new or empty folder: the record is written, the command starts;
 - a folder whose record equals the inputs: the command resumes;
 - a folder whose record differs: a one-line ``UserError`` naming what differs (the first
-  few keys, old -> new), unless ``--overwrite``, which deletes the folder's contents and
-  starts over;
+  few keys, old -> new); a folder that holds only its record (a run stopped by bad input
+  before it computed anything) is taken for the new inputs;
+- ``--overwrite``: a folder vrpo recorded as its own is emptied and started over, whatever
+  inputs made it;
 - a non-empty folder without a record (not ours, or written by an older vrpo): refused
   always; ``--overwrite`` deletes only folders that vrpo recorded as its own.
 
@@ -42,8 +44,9 @@ __all__ = ["RECORD", "LOCK", "claim_output", "read_record", "differences", "fold
 
 def normalise(value: Any) -> Any:
     """``value`` as JSON would give it back (tuples -> lists, Paths -> str), so a record read
-    from disk compares equal to the inputs that wrote it."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
+    from disk compares equal to the inputs that wrote it (key order kept: it is the order in
+    which differences are named)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -63,10 +66,12 @@ def _short(value: Any) -> str:
 
 
 def differences(old: dict, new: dict) -> list[str]:
-    """``key: old -> new`` for every flattened key whose value differs (missing = absent)."""
+    """``key: old -> new`` for every flattened key whose value differs (missing = absent), in
+    the order of ``new``'s keys (a command lists its most telling inputs first), then the
+    keys only ``old`` has."""
     a, b = _flatten(normalise(old)), _flatten(normalise(new))
     out = []
-    for key in sorted(set(a) | set(b)):
+    for key in list(b) + [k for k in a if k not in b]:
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             out.append(f"{key}: {_short(a.get(key, '<absent>'))} -> {_short(b.get(key, '<absent>'))}")
     return out
@@ -99,36 +104,51 @@ def _clear(folder: Path) -> None:
             p.unlink()
 
 
+def _refusal(folder: Path, command: str, inputs: dict, flag: str) -> str | None:
+    """Why ``folder`` cannot be used for ``command`` with ``inputs`` (None: it can, as new or to resume)."""
+    old = read_record(folder)
+    if old is None:
+        if _contents(folder):
+            return (f"{flag} {folder}: not empty and has no {RECORD} (not a folder vrpo made, or made by an older "
+                    f"version); choose a new or empty {flag}")
+        return None
+    if old.get("command") == command and old.get("inputs") == inputs:
+        return None  # the same inputs: resume
+    if [p.name for p in _contents(folder)] == [RECORD]:
+        return None  # a run that stopped before computing anything (bad input): nothing to lose
+    diff = differences({"command": old.get("command"), **old["inputs"]}, {"command": command, **inputs})
+    more = f" and {len(diff) - SHOWN_DIFFERENCES} more" if len(diff) > SHOWN_DIFFERENCES else ""
+    return (f"{flag} {folder}: made by `vrpo {old.get('command')}` from other inputs "
+            f"({'; '.join(diff[:SHOWN_DIFFERENCES])}{more}); pass --overwrite to delete it and start over, "
+            f"or choose another {flag}")
+
+
 def claim_output(path: str | Path, command: str, inputs: dict, *, overwrite: bool = False, flag: str = "--out",
                  main_process: bool | None = None) -> Path:
     """Make ``path`` this command's output folder for ``inputs`` (see the module docstring).
 
     Returns the folder. Only the main process (``RANK`` 0 unless ``main_process`` says) checks,
-    clears and writes; the others only check that the folder is writable.
+    clears and writes; the others only check that the folder is writable (were they to read
+    the folder while the main process writes its record, they could see a half-made state;
+    when the main process refuses and exits, the launcher stops them).
     """
     folder = check_writable_folder(path, flag)
     if main_process is None:
         main_process = int(os.environ.get("RANK", "0")) == 0
+    inputs = normalise(inputs)
     if not main_process:
         return folder
-    record = {"command": command, "inputs": normalise(inputs)}
+    reason = _refusal(folder, command, inputs, flag)
     old = read_record(folder)
-    if old is not None:
-        if old.get("command") == command and old.get("inputs") == record["inputs"]:
-            return folder  # the same inputs: resume
-        if not overwrite:
-            diff = differences({"command": old.get("command"), **old["inputs"]}, {"command": command, **record["inputs"]})
-            more = f" and {len(diff) - SHOWN_DIFFERENCES} more" if len(diff) > SHOWN_DIFFERENCES else ""
-            raise UserError(f"{flag} {folder}: made by `vrpo {old.get('command')}` from other inputs "
-                            f"({'; '.join(diff[:SHOWN_DIFFERENCES])}{more}); pass --overwrite to delete it and start "
-                            f"over, or choose another {flag}")
-        _clear(folder)
-    elif _contents(folder):
-        raise UserError(f"{flag} {folder}: not empty and has no {RECORD} (not a folder vrpo made, or made by an older "
-                        f"version); choose a new or empty {flag}")
+    if overwrite and old is not None:
+        _clear(folder)  # start over, whatever made the folder (a damaged checkpoint of the same inputs too)
+    elif reason is not None:
+        raise UserError(reason)  # other inputs without --overwrite, or a folder vrpo never recorded as its own
+    elif old is not None and old.get("command") == command and old.get("inputs") == inputs:
+        return folder  # resume
     from vrpo.provenance import atomic_write_json
 
-    atomic_write_json(folder / RECORD, record)
+    atomic_write_json(folder / RECORD, {"command": command, "inputs": inputs})
     return folder
 
 

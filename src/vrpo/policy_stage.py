@@ -283,16 +283,49 @@ def _engine_config(cfg: RLConfig, config_cls, resume_dir: Path):
         raise ValueError(f"engine args: {e}") from None
 
 
-def run_rl(cfg: RLConfig, *, resume: bool = False) -> Path:
+# RLConfig fields that cannot change the result: left out of the reuse record of ``out``
+RL_NOT_RESULT_SETTINGS = ("out", "logging_steps", "save_steps", "report_to")
+
+
+def rl_inputs(cfg: RLConfig) -> dict:
+    """Everything that determines an RL run (the reuse record of ``out``): its settings, the
+    policy, reward model and prompts by fingerprint, and the number of processes."""
+    from vrpo.errors import check_readable
+    from vrpo.provenance import fingerprint_data, fingerprint_model, fingerprint_tokenizer
+    from vrpo.sampling import check_model_folder
+
+    values = {k: v for k, v in asdict(cfg).items() if k not in RL_NOT_RESULT_SETTINGS}
+    values["model"] = fingerprint_model(check_model_folder(cfg.model, "--model"))
+    values["tokenizer"] = fingerprint_tokenizer(cfg.model)
+    values["reward_model"] = fingerprint_model(check_model_folder(cfg.reward_model, "--reward-model"))
+    values["prompts"] = fingerprint_data(check_readable(cfg.prompts, "--prompts", "a prompts file"))
+    values["num_processes"] = int(os.environ.get("WORLD_SIZE", "1"))
+    return values
+
+
+def run_rl(cfg: RLConfig, *, overwrite: bool = False) -> Path:
     """Optimise ``cfg.model`` against the reward model with the chosen engine; return the run folder.
 
     The folder gets config.yaml, versions.json, metrics.jsonl, the engine's checkpoints
-    (``checkpoints/``; ``resume=True`` continues from the last one), the final policy
-    (``save_pretrained``, safetensors) and a model card.
+    (``checkpoints/``), the final policy (``save_pretrained``, safetensors) and a model card.
+    A folder made from the same inputs (``rl_inputs``) resumes from its last checkpoint; one
+    made from others is refused in one line unless ``overwrite`` (then it starts over).
     """
+    import contextlib
+
+    from vrpo.outputs import claim_output, folder_lock
+
+    inputs = rl_inputs(cfg)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with folder_lock(cfg.out, "rl") if main else contextlib.nullcontext():
+        claim_output(cfg.out, "rl", inputs, overwrite=overwrite)
+        return _run_rl_into(cfg)
+
+
+def _run_rl_into(cfg: RLConfig) -> Path:
     from transformers import AutoTokenizer
 
-    from vrpo.train.reward_run import resume_point
+    from vrpo.train.reward_run import check_checkpoint, last_checkpoint, resume_point
     from vrpo.train.trainer import MetricsJsonlCallback
 
     if cfg.engine not in RL_ENGINES:
@@ -316,7 +349,9 @@ def run_rl(cfg: RLConfig, *, resume: bool = False) -> Path:
         _write_run_header(out, asdict(cfg))
     trainer = trainer_cls(model=str(cfg.model), reward_funcs=scorer, args=engine_cfg, train_dataset=prompts,
                           processing_class=tokenizer, callbacks=[MetricsJsonlCallback(out / "metrics.jsonl")])
-    last = resume_point(out / "checkpoints", resume, out / "metrics.jsonl", main_process=main)
+    if last_checkpoint(out / "checkpoints"):
+        check_checkpoint(last_checkpoint(out / "checkpoints"))
+    last = resume_point(out / "checkpoints", True, out / "metrics.jsonl", main_process=main)
     with third_party_deprecations_silenced():
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     trainer.save_model(str(out))  # safetensors; only the main process writes

@@ -1,7 +1,7 @@
 """Provenance: which checkpoint, tokenizer, data and settings produced a file.
 
 VRPO's correction has mean zero only when the labelled pairs and the reference samples
-come from the same pi_ref as the reference log-probs (METHOD.md): a mismatch is the
+come from the same pi_ref as the reference log-probs (docs/method.md): a mismatch is the
 paper's "reference policy misspecified" case. So every stage writes a ``manifest.json``
 with fingerprints, and training compares them with the model it is given.
 
@@ -26,7 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 PACKAGES = ("vrpo", "torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "peft", "trl", "numpy")
 
 __all__ = [
-    "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fingerprint_files", "fingerprint_model",
+    "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "file_sha256", "fingerprint_files", "fingerprint_model",
     "fingerprint_tokenizer", "fingerprint_data", "package_versions", "now_utc", "write_manifest",
     "read_manifest", "reference_problems", "check_reference",
 ]
@@ -66,6 +66,14 @@ def _hash_file(h, path: Path, chunk: int = 1 << 20) -> None:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (what ``sha256sum FILE`` prints): the checksum a manifest
+    records for the table beside it."""
+    h = hashlib.sha256()
+    _hash_file(h, Path(path))
+    return h.hexdigest()
 
 
 def fingerprint_files(paths: Iterable[Path], root: Path | None = None) -> str:
@@ -119,11 +127,20 @@ def fingerprint_tokenizer(tokenizer_or_path) -> str:
     return "mem:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
+# the table a vrpo folder holds (`vrpo score`, `vrpo label`, `vrpo sample`): a folder passed as data is
+# identified by it, not by its manifest's time stamps or its resumable shards
+DATA_TABLES = ("data.parquet", "pairs.jsonl", "samples.parquet")
+
+
 def fingerprint_data(path_or_dataset) -> str:
-    """Fingerprint of a data file's bytes, a folder's files, or a ``datasets.Dataset``."""
+    """Fingerprint of a data file's bytes, a vrpo folder's table (``DATA_TABLES``), any other
+    folder's files, or a ``datasets.Dataset``."""
     if hasattr(path_or_dataset, "_fingerprint"):
         return "dataset:" + str(path_or_dataset._fingerprint)
     p = Path(path_or_dataset)
+    table = next((p / name for name in DATA_TABLES if (p / name).is_file()), None) if p.is_dir() else None
+    if table is not None:
+        return fingerprint_files([table])
     if p.is_dir():
         return fingerprint_files([q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")], p)
     if p.is_file():

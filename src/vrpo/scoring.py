@@ -5,6 +5,10 @@ auxiliary model was cross-fitted by ``vrpo fit-aux``, so the label does not leak
 K reference samples of each prompt, ``ref_aux_prob`` = the K x K matrix [j][k] = g(x, y~_j, y~_k)
 (diagonal 1/2, [k][j] = 1 - [j][k]). Every model is antisymmetrised (vrpo.aux).
 
+Conversational rows are rendered with the reference model's chat template: the model the
+samples' manifest names, or ``--tokenizer``. g sees the rendered prompt and each reply as
+plain text (``vrpo.data.aux_texts``), for observed and reference pairs alike.
+
 The K(K-1)/2 reference pairs of a chunk of prompts go to the model in ONE batched call
 (``AuxModel.predict_pairwise_batch``; embedding models embed each distinct response once).
 Chunks are written atomically to ``OUT/shards/`` so a killed run resumes; the result is
@@ -21,7 +25,7 @@ DATA_FILE = "data.parquet"
 def _observed_probs(aux, spec: str, rows: list[dict], source: str):
     """aux_prob of the labelled pairs: a column, out-of-fold predictions, or the model."""
     from vrpo.aux.base import ColumnAux
-    from vrpo.data import check_probability_column
+    from vrpo.data import aux_texts, check_probability_column
 
     if isinstance(aux, ColumnAux):
         if aux.column not in rows[0]:
@@ -30,7 +34,7 @@ def _observed_probs(aux, spec: str, rows: list[dict], source: str):
     if Path(spec).is_dir():
         from vrpo.aux.io import load_oof
 
-        oof = load_oof(spec, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows])
+        oof = load_oof(spec, *aux_texts(rows))
         if oof is not None:
             return [float(p) for p in oof]
     return None  # scored with the model, chunk by chunk
@@ -50,25 +54,61 @@ def _reference_matrices(aux, spec: str, chunk: list[dict], source: str) -> list[
 
 def score_chunk(aux, spec: str, chunk: list[dict], observed: list[float] | None, source: str) -> list[dict]:
     """The chunk's rows with aux_prob and ref_aux_prob attached."""
+    from vrpo.data import aux_texts
+
     if observed is None:
-        observed = aux.predict_proba([r["prompt"] for r in chunk], [r["chosen"] for r in chunk],
-                                     [r["rejected"] for r in chunk]).tolist()
+        observed = aux.predict_proba(*aux_texts(chunk)).tolist()
     mats = _reference_matrices(aux, spec, chunk, source)
     return [dict(r, aux_prob=float(p), ref_aux_prob=m) for r, p, m in zip(chunk, observed, mats)]
 
 
+def score_inputs(aux_spec: str, data: str, samples: str | None, *, chunk_size: int, max_rows: int | None,
+                 tokenizer: str | None = None) -> dict:
+    """Everything that determines the scored table (the reuse record of ``--out``). The chunk
+    size is in it: finished chunks are found by their index."""
+    from vrpo.aux.base import aux_identity
+    from vrpo.data import tokenizer_identity
+    from vrpo.errors import check_readable
+    from vrpo.provenance import fingerprint_data
+    from vrpo.sampling import samples_fingerprint
+
+    data_fp = fingerprint_data(check_readable(data, "--data", "a preference file"))
+    return {"aux": aux_identity(aux_spec), "data": data_fp, "max_rows": max_rows,
+            "samples": samples_fingerprint(samples) if samples else None, "chunk_size": chunk_size,
+            "tokenizer": tokenizer_identity(tokenizer)}
+
+
 def score_pairs(aux_spec: str, data: str, samples: str | None, out: str, *, chunk_size: int = 256,
-                max_rows: int | None = None) -> Path:
+                max_rows: int | None = None, overwrite: bool = False, tokenizer: str | None = None) -> Path:
     """Write ``out/data.parquet`` (preference columns + aux_prob, ref_samples, ref_aux_prob,
-    ref_logps) and ``out/manifest.json``; resumes from finished chunks. Returns the table path."""
+    ref_logps, ref_truncated) and ``out/manifest.json``; resumes from finished chunks when
+    ``out`` was made from the same inputs (refused when from others, unless ``overwrite``).
+    ``tokenizer``: the reference model's folder, whose chat template renders conversational
+    rows (default: the model the samples' manifest names). Returns the table path."""
+    from vrpo.cli_args import POSITIVE_INT
+    from vrpo.outputs import claim_output, folder_lock
+
+    POSITIVE_INT.check(chunk_size, "--chunk-size")
+    POSITIVE_INT.check(max_rows, "--max-rows", allow_none=True)
+    inputs = score_inputs(aux_spec, data, samples, chunk_size=chunk_size, max_rows=max_rows, tokenizer=tokenizer)
+    out_dir = Path(out)
+    with folder_lock(out_dir, "score"):
+        claim_output(out_dir, "score", inputs, overwrite=overwrite)
+        return _score_into(out_dir, aux_spec, data, samples, chunk_size=chunk_size, max_rows=max_rows,
+                           tokenizer=tokenizer)
+
+
+def _score_into(out_dir: Path, aux_spec: str, data: str, samples: str | None, *, chunk_size: int,
+                max_rows: int | None, tokenizer: str | None) -> Path:
     from tqdm.auto import tqdm
 
     from vrpo.aux import resolve_aux
-    from vrpo.provenance import fingerprint_data, read_manifest, write_manifest
-    from vrpo.sampling import write_parquet, read_samples
-    from vrpo.data import attach_reference_samples, load_preferences
+    from vrpo.data import attach_reference_samples, chat_template_source, load_preferences
+    from vrpo.provenance import file_sha256, read_manifest, write_manifest
+    from vrpo.sampling import read_samples, write_parquet
 
-    rows = load_preferences(data, max_rows=max_rows).to_list()
+    chat = chat_template_source(tokenizer=tokenizer, samples=samples)
+    rows = load_preferences(data, chat, max_rows=max_rows).to_list()
     samples_manifest = None
     if samples:
         rows = attach_reference_samples(rows, read_samples(samples), f"--samples {samples}")
@@ -77,15 +117,10 @@ def score_pairs(aux_spec: str, data: str, samples: str | None, out: str, *, chun
         raise ValueError(f"--data {data}: rows have no ref_samples; pass --samples DIR from `vrpo sample`")
     aux = resolve_aux(aux_spec)
     observed = _observed_probs(aux, aux_spec, rows, data)
-    out_dir = Path(out)
-    manifest = {"kind": "scored_pairs", "aux": aux_spec, "data": str(data), "data_fingerprint": fingerprint_data(data),
-                "samples": samples, "samples_manifest": samples_manifest, "num_rows": len(rows),
+    manifest = {"kind": "scored_pairs", "aux": aux_spec, "data": str(data), "samples": samples,
+                "samples_manifest": samples_manifest, "num_rows": len(rows), "chat_template": chat.path,
                 "observed_pairs": "column" if observed is not None and not Path(aux_spec).is_dir() else
                 ("out-of-fold" if observed is not None else "model"), "chunk_size": chunk_size}
-    if (out_dir / "manifest.json").exists():
-        old = read_manifest(out_dir)
-        if any(old.get(k) != manifest[k] for k in ("aux", "data_fingerprint", "num_rows", "chunk_size")):
-            raise ValueError(f"--out {out_dir}: holds scores of other data or another --aux; use a new --out folder")
     write_manifest(out_dir, dict(manifest, complete=False))
     starts = range(0, len(rows), chunk_size)
     for start in tqdm(starts, desc="scoring pairs", unit="chunk"):
@@ -96,7 +131,8 @@ def score_pairs(aux_spec: str, data: str, samples: str | None, out: str, *, chun
         obs = None if observed is None else observed[start:start + chunk_size]
         write_parquet(shard, score_chunk(aux, aux_spec, chunk, obs, str(data)))
     _merge(out_dir, len(starts))
-    write_manifest(out_dir, dict(manifest, complete=True))
+    # the checksum `vrpo train` verifies: the reference log-probs travel in this table
+    write_manifest(out_dir, dict(manifest, complete=True, table_sha256=file_sha256(out_dir / DATA_FILE)))
     return out_dir / DATA_FILE
 
 
@@ -112,16 +148,30 @@ def _merge(out_dir: Path, num_chunks: int) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--aux", required=True, help="module:function | file.py:function (batched callable "
-                   "fn(prompts, a, b) -> P(a > b)) | column:NAME | a `vrpo fit-aux` folder")
+    from vrpo.cli_args import POSITIVE_INT, add_overwrite_flag
+
+    p.add_argument("--aux", required=True, help="module:function | file.py:function (a batched callable "
+                   "fn(prompts, a, b) -> P(a > b); vrpo imports and RUNS this code, so pass only code you trust) | "
+                   "column:NAME (precomputed g of the labelled pairs) | a `vrpo fit-aux` folder")
     p.add_argument("--data", required=True, help="preference data (JSONL/Parquet/CSV/saved folder)")
-    p.add_argument("--samples", help="a `vrpo sample` folder with the reference samples of the same prompts")
-    p.add_argument("--out", required=True, help="output folder: data.parquet + manifest.json (resumable)")
-    p.add_argument("--chunk-size", type=int, default=256, help="prompts per batched call and per resumable chunk")
-    p.add_argument("--max-rows", type=int, default=None, help="score only the first N rows")
+    p.add_argument("--samples", help="a `vrpo sample` folder with the reference samples of the same prompts "
+                   "(default: none; the data must then hold ref_samples)")
+    p.add_argument("--out", required=True, help="output folder: data.parquet + manifest.json; rerun the same command "
+                   "to resume")
+    p.add_argument("--chunk-size", type=POSITIVE_INT, default=256, help="prompts per batched call and per resumable chunk")
+    p.add_argument("--max-rows", type=POSITIVE_INT, default=None, help="score only the first N rows (default: all)")
+    add_overwrite_flag(p)
+    # conversational data (message lists): which chat template renders it
+    p.add_argument("--tokenizer", default=None,
+                   help="the reference model's folder, whose chat template renders conversational rows "
+                        "(default: the model the --samples manifest names; plain-string data needs none)")
 
 
 def run(args: argparse.Namespace) -> int:
-    path = score_pairs(args.aux, args.data, args.samples, args.out, chunk_size=args.chunk_size, max_rows=args.max_rows)
-    print(f"wrote {path}")
+    path = score_pairs(args.aux, args.data, args.samples, args.out, chunk_size=args.chunk_size, max_rows=args.max_rows,
+                       overwrite=args.overwrite, tokenizer=args.tokenizer)
+    from vrpo.provenance import read_manifest
+
+    m = read_manifest(path.parent)
+    print(f"wrote {path} ({m['num_rows']} pairs; g of the labelled pairs from {m['observed_pairs']})")
     return 0

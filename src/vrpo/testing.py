@@ -3,7 +3,8 @@
 ``build_tiny_causal_lm`` trains a byte-level BPE tokenizer on the given texts (the
 ``tokenizers`` library) and initialises a small GPT-2 (transformers) with it, then saves
 both with ``save_pretrained`` (safetensors) so every command loads it like any model
-folder. Nothing is downloaded.
+folder. The tokenizer carries a simple chat template (``CHAT_TEMPLATE``) so conversational
+data runs through it as through an instruction-tuned model. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -20,9 +21,19 @@ DEFAULT_TEXTS = [
     "If you have chest pain, call emergency services right away.",
 ]
 
+# A minimal chat template (Jinja, as transformers reads it): each turn is a role line, the
+# content and the end-of-text token; the generation prompt opens the assistant's turn. The
+# rendered prompt is a prefix of prompt + reply, which conversational preference rows need
+# (vrpo.data renders a reply as the text the template adds after the prompt).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (eos = pad = <|endoftext|>)."""
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (eos = pad = <|endoftext|>),
+    with ``CHAT_TEMPLATE`` as its chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -34,10 +45,12 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
         unk_token="<|endoftext|>", pad_token="<|endoftext|>",
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_tiny_causal_lm(out_dir: str | Path, texts: Iterable[str] | None = None, *, vocab_size: int = 512,

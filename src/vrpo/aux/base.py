@@ -63,9 +63,16 @@ class AuxModel:
         return 0.5 * (p_ab + 1.0 - p_ba)
 
 
-def check_pairs(prompts, responses_a, responses_b, labels=None, source: str = "fit") -> None:
-    """One-line ValueErrors for bad labelled pairs: unequal lengths, a missing or empty text
-    (naming the row), labels missing, outside [0, 1] or NaN."""
+def check_pairs(prompts, responses_a, responses_b, labels=None, source: str = "fit", *,
+                allow_empty_responses: bool = False) -> None:
+    """One-line ValueErrors for bad pairs: unequal lengths, a text that is not a string or an
+    empty response (naming the row), labels missing, outside [0, 1] or NaN.
+
+    Fitting refuses an empty labelled response (a broken row, far more often than a real
+    answer someone judged). Prediction passes ``allow_empty_responses=True``: a reference
+    sample may be empty when pi_ref drew the end-of-sequence token first, a legitimate
+    draw that the control variate must score like any other (an embedding model embeds
+    "" as it embeds any text)."""
     n = len(prompts)
     lengths = {"responses_a": len(responses_a), "responses_b": len(responses_b)}
     if labels is not None:
@@ -75,8 +82,9 @@ def check_pairs(prompts, responses_a, responses_b, labels=None, source: str = "f
             raise ValueError(f"{source}: {name} has {m} rows but prompts has {n}; expected one per pair")
     for name, texts in (("prompt", prompts), ("response_a", responses_a), ("response_b", responses_b)):
         for i, t in enumerate(texts):
-            if not isinstance(t, str) or (name != "prompt" and not t.strip()):
-                raise ValueError(f"{source}: row {i}: {name} is {t!r}; expected a non-empty string")
+            if not isinstance(t, str) or (name != "prompt" and not allow_empty_responses and not t.strip()):
+                expected = "a string" if allow_empty_responses else "a non-empty string"
+                raise ValueError(f"{source}: row {i}: {name} is {t!r}; expected {expected}")
     if labels is not None:
         y = np.asarray(labels, dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(y) | (y < 0) | (y > 1))
@@ -100,14 +108,44 @@ def check_probabilities(p, source: str, n: int) -> np.ndarray:
 
 class CallableAux(AuxModel):
     """Wraps a batched callable ``fn(prompts, responses_a, responses_b) -> [N] probabilities``
-    (an external judge, a larger model, a rule). Antisymmetrised by ``predict_proba``."""
+    (an external judge, a larger model, a rule). Antisymmetrised by ``predict_proba``.
+
+    The callable is the user's code: whatever it raises, or a return value that is not N
+    numbers, becomes a one-line error naming ``name`` (the ``--aux`` spec)."""
 
     def __init__(self, fn: Callable, name: str | None = None):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "callable")
 
     def _predict_raw(self, prompts, responses_a, responses_b):
-        return self.fn(list(prompts), list(responses_a), list(responses_b))
+        return self._call(self.fn, prompts, responses_a, responses_b)
+
+    def _call(self, fn: Callable, prompts, responses_a, responses_b) -> np.ndarray:
+        """``fn`` on one batch of pairs, inside the boundary of the user's code: its exception,
+        or a return value that is not one number per pair, is a one-line error naming the spec."""
+        from vrpo.errors import UserError, user_code
+
+        spec = f"--aux {self.name}"
+        with user_code(spec):
+            values = fn(list(prompts), list(responses_a), list(responses_b))
+        expected = f"expected a list of {len(prompts)} probabilities (numbers in [0, 1]), one per pair"
+        if values is None or isinstance(values, (str, bytes)) or np.ndim(values) == 0:
+            raise UserError(f"{spec}: returned {type(values).__name__} {values!r:.40}; {expected}")
+        try:
+            array = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise UserError(f"{spec}: returned values such as {_first(values)!r:.40}; {expected}") from None
+        if array.ndim != 1:
+            raise UserError(f"{spec}: returned an array of shape {array.shape}; expected a list of {len(prompts)} "
+                            "probabilities, one per pair")
+        return array
+
+
+def _first(values):
+    try:
+        return next(iter(values))
+    except (TypeError, StopIteration):
+        return values
 
 
 class ColumnAux(AuxModel):
@@ -144,20 +182,97 @@ def resolve_aux(spec: str) -> AuxModel:
 
         return load_aux(path)
     if ":" in spec:
-        mod_name, fn_name = spec.rsplit(":", 1)
-        try:
-            if mod_name.endswith(".py"):
-                s = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
-                if s is None or not Path(mod_name).exists():
-                    raise FileNotFoundError(mod_name)
-                module = importlib.util.module_from_spec(s)
-                s.loader.exec_module(module)  # type: ignore[union-attr]
-            else:
-                module = importlib.import_module(mod_name)
-        except (ImportError, FileNotFoundError) as e:
-            raise ValueError(f"--aux {spec}: cannot import {mod_name!r} ({e})") from None
-        fn = getattr(module, fn_name, None)
-        if not callable(fn):
-            raise ValueError(f"--aux {spec}: {mod_name!r} has no callable {fn_name!r}")
-        return CallableAux(fn, name=spec)
+        return CallableAux(load_callable(spec, "--aux"), name=spec)
     raise ValueError(f"--aux {spec}: expected module:function, file.py:function, column:NAME or a `vrpo fit-aux` directory")
+
+
+def load_callable(spec: str, flag: str) -> Callable:
+    """The function named by ``module:function`` or ``path/to/file.py:function`` (``--aux``,
+    ``vrpo gate --rubrics`` / ``--judge``). Importing runs the user's code: any error in it
+    is one line naming ``flag`` and the spec."""
+    from vrpo.errors import UserError
+
+    if ":" not in spec:
+        raise UserError(f"{flag} {spec}: expected module:function or file.py:function")
+    mod_name, fn_name = spec.rsplit(":", 1)
+    module = _import_user_module(spec, mod_name, flag)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"{flag} {spec}: {mod_name!r} has no callable {fn_name!r}")
+    return fn
+
+
+def _import_user_module(spec: str, mod_name: str, flag: str = "--aux"):
+    """Import the module of ``module:function`` / ``file.py:function``: this RUNS the user's
+    code, so any error in it (a syntax error, an exception at import) is reported in one
+    line naming the spec."""
+    import sys
+
+    from vrpo.errors import UserError, user_code
+
+    if mod_name.endswith(".py"):
+        if not Path(mod_name).is_file():
+            raise UserError(f"{flag} {spec}: no such file {mod_name!r}")
+        s = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+        module = importlib.util.module_from_spec(s)
+        with user_code(f"{flag} {spec}"):
+            s.loader.exec_module(module)  # type: ignore[union-attr]
+        return module
+    try:
+        found = sys.modules.get(mod_name) or importlib.util.find_spec(mod_name)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise UserError(f"{flag} {spec}: no module named {mod_name!r} (for a file, give its path ending in .py)")
+    with user_code(f"{flag} {spec}"):
+        return importlib.import_module(mod_name)
+
+
+def aux_identity(spec: str) -> dict:
+    """What ``--aux SPEC`` (or ``vrpo gate``'s ``--rubrics`` / ``--judge``) names, for an output
+    folder's reuse record: the spec and a fingerprint of the code or model behind it (a
+    file's bytes, a module's source file, a ``vrpo fit-aux`` folder's weights, settings and
+    out-of-fold predictions). A column is named by the spec alone: the data's own
+    fingerprint covers it."""
+    from vrpo.provenance import fingerprint_files
+
+    if spec.startswith("column:"):
+        return {"spec": spec}
+    path = Path(spec)
+    if path.is_dir():
+        return {"spec": spec, "fingerprint": _fit_aux_fingerprint(path)}
+    mod_name = spec.rsplit(":", 1)[0] if ":" in spec else spec
+    source = Path(mod_name) if mod_name.endswith(".py") else _module_source(mod_name)
+    return {"spec": spec, "fingerprint": fingerprint_files([source]) if source and source.is_file() else None}
+
+
+def _module_source(mod_name: str) -> Path | None:
+    try:
+        found = importlib.util.find_spec(mod_name)
+    except (ImportError, ValueError):
+        return None
+    return Path(found.origin) if found is not None and found.origin and found.origin.endswith(".py") else None
+
+
+def _fit_aux_fingerprint(folder: Path) -> str:
+    """sha256 of a fit-aux folder's model: aux_config.json without its time and versions, the
+    weights and the out-of-fold predictions."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    config_file = folder / "aux_config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError:
+            config = config_file.read_text()
+        if isinstance(config, dict):
+            config = {k: v for k, v in config.items() if k not in ("created", "versions")}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name in ("model.safetensors", "oof.parquet"):
+        if (folder / name).is_file():
+            from vrpo.provenance import file_sha256
+
+            h.update(f"{name}:{file_sha256(folder / name)}".encode())
+    return h.hexdigest()

@@ -5,6 +5,12 @@ Preference data lists the winner first (label 1 for every row), which makes a re
 diagram one-sided. ``both_orders`` adds each pair reversed, (1 - p_i, 1 - y_i): for an
 antisymmetric g the two orders are the same prediction, so accuracy, log-loss and Brier are
 unchanged and the calibration curve covers [0, 1].
+
+Log-loss, Brier score and the reliability curve are scikit-learn's (``log_loss``,
+``brier_score_loss``, ``calibration_curve`` with uniform bins, each closed on the right);
+written here are only what it lacks: the expected calibration error (a weighted mean of the
+curve's gaps, which needs the bin counts the curve does not return), accuracy with ties
+counted one half, and the both-orders view.
 """
 from __future__ import annotations
 
@@ -33,28 +39,32 @@ def accuracy(prob, labels) -> float:
     return float(np.mean(np.where(p == 0.5, 0.5, (p > 0.5) == (y > 0.5))))
 
 
-def log_loss(prob, labels, eps: float = 1e-12) -> float:
-    """mean of -[y log p + (1 - y) log(1 - p)], p clipped to [eps, 1 - eps] (nats)."""
+def log_loss(prob, labels) -> float:
+    """mean of -[y log p + (1 - y) log(1 - p)] (nats; scikit-learn clips p away from 0 and 1)."""
+    from sklearn.metrics import log_loss as sklearn_log_loss
+
     p, y = _arrays(prob, labels)
-    p = np.clip(p, eps, 1.0 - eps)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+    return float(sklearn_log_loss(y, p, labels=[0, 1]))
 
 
 def brier(prob, labels) -> float:
-    """mean of (p - y)^2."""
+    """mean of (p - y)^2 (scikit-learn's ``brier_score_loss``)."""
+    from sklearn.metrics import brier_score_loss
+
     p, y = _arrays(prob, labels)
-    return float(np.mean((p - y) ** 2))
+    return float(brier_score_loss(y, p, labels=[0, 1]))
 
 
 def reliability_bins(prob, labels, bins: int = 10):
-    """Equal-width bins on [0, 1] (the last one closed): per bin the count, the mean
-    predicted probability and the observed frequency of y = 1 (NaN for empty bins)."""
+    """Equal-width bins on [0, 1] as scikit-learn's ``calibration_curve`` makes them (each
+    closed on the right, the first also on the left): per bin the count, the mean predicted
+    probability and the observed frequency of y = 1 (NaN for empty bins)."""
+    from sklearn.calibration import calibration_curve
+
     p, y = _arrays(prob, labels)
-    idx = np.minimum((p * bins).astype(int), bins - 1)
-    count = np.bincount(idx, minlength=bins).astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        confidence = np.bincount(idx, weights=p, minlength=bins) / count
-        frequency = np.bincount(idx, weights=y, minlength=bins) / count
+    count = np.bincount(np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], p), minlength=bins).astype(float)
+    frequency, confidence = np.full(bins, np.nan), np.full(bins, np.nan)
+    frequency[count > 0], confidence[count > 0] = calibration_curve(y, p, n_bins=bins, strategy="uniform")
     return count, confidence, frequency
 
 

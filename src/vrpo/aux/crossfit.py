@@ -28,8 +28,9 @@ def group_fold_ids(groups, folds: int, random_state: int | None = 0) -> np.ndarr
     model never sees a sibling pair of the prompt it is predicting for. Shape [n]."""
     keys, inverse = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
     if folds >= 2 and len(keys) < folds:
-        raise ValueError(f"folds: {folds} folds but only {len(keys)} distinct prompts (groups); expected at least one "
-                         "per fold (fold by pair instead: --fold-by pair / groups=None)")
+        raise ValueError(f"folds: {folds} folds but only {len(keys)} distinct groups (prompts; distinct pairs under "
+                         "--fold-by pair); expected at least one per fold (fewer --folds, or --fold-by pair when "
+                         "the groups are prompts)")
     return fold_ids(len(keys), folds, random_state)[inverse]
 
 

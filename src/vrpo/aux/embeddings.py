@@ -58,7 +58,10 @@ class SentenceEncoder:
         hf_logging.set_verbosity_error()  # no weight-loading messages or bars in the middle of ours
         hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModel.from_pretrained(self.path).to(device).eval()
+        if not list(self.path.glob("*.safetensors")):  # pickle-based *.bin weights can run code when loaded
+            raise ValueError(f"backbone path {self.path}: no *.safetensors weights; vrpo loads no pickle-based *.bin "
+                             "weights (save the encoder with save_pretrained(safe_serialization=True))")
+        self.model = AutoModel.from_pretrained(self.path, use_safetensors=True).to(device).eval()
         self.device = device
         self.max_length = max_length
         weights = self.path / "model.safetensors"

@@ -37,6 +37,6 @@ class JudgeAux(CallableAux):
         for s in tqdm(range(0, n, self.batch_size), desc=f"judge {self.name}", disable=not self.progress):
             e = min(s + self.batch_size, n)
             out.append(check_probabilities(
-                self.judge(list(prompts[s:e]), list(responses_a[s:e]), list(responses_b[s:e])),
+                self._call(self.judge, prompts[s:e], responses_a[s:e], responses_b[s:e]),
                 f"judge {self.name} (pairs {s}..{e - 1})", e - s))
         return np.concatenate(out) if out else np.zeros(0)

@@ -335,7 +335,8 @@ class NeuralPreferenceModel(AuxModel):
     def _predict_raw(self, prompts, responses_a, responses_b):
         import torch
 
-        check_pairs(prompts, responses_a, responses_b, source=f"{type(self).__name__}.predict_proba")
+        check_pairs(prompts, responses_a, responses_b, source=f"{type(self).__name__}.predict_proba",
+                    allow_empty_responses=True)  # an empty reference sample is a draw of pi_ref
         items, ia, ib = distinct_items(prompts, responses_a, responses_b)
         v = self.item_vectors(items)
         with torch.no_grad():
@@ -350,7 +351,7 @@ class NeuralPreferenceModel(AuxModel):
             raise ValueError(f"predict_pairwise_batch: {len(prompts)} prompts but {len(responses)} response lists")
         items = list(dict.fromkeys((x, y) for x, ys in zip(prompts, responses) for y in ys))
         check_pairs([x for x, _ in items], [y for _, y in items], [y for _, y in items],
-                    source=f"{type(self).__name__}.predict_pairwise")
+                    source=f"{type(self).__name__}.predict_pairwise", allow_empty_responses=True)
         pos = {it: i for i, it in enumerate(items)}
         v = self.item_vectors(items)
         out = []

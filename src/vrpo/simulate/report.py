@@ -31,6 +31,9 @@ LEGEND = {
 RAMP_METHODS = {"ramp_dpo", "vrpo_ramp_oracle_k2", "vrpo_ramp_oracle", "vrpo_ramp_oracle_exact"}
 LIMIT_KS = {"2": "vrpo_oracle_k2", "4": "vrpo_oracle_k4", "8": "vrpo_oracle", "16": "vrpo_oracle_k16"}
 NEGLIGIBLE = 0.03  # a limit reduction under 3% of the base MSE has no "fraction" to speak of
+FRACTION_NOTE = ("A fraction is a ratio of two estimated MSE reductions, so it is not bounded by 0% and 100%: "
+                 "below 0% when the method's MSE is above the base's (it adds variance), above 100% when it beats "
+                 "the reference by noise; read it together with the arrows of the MSE ratios.")
 
 
 def _reference_of(method: str) -> str:
@@ -208,7 +211,8 @@ def write_markdown(results: dict) -> str:
     L += _targets_table(S)
     L += ["", "## How much of the limit do K reference samples reach? (oracle g, sigmoid)", "",
           "MSE ratio to base for K = 2, 4, 8, 16 and the exact expectation (the limit); then the fraction of the "
-          "limit's MSE reduction that each K reaches ((base - K) / (base - limit); — when the limit removes < 3%).", "",
+          "limit's MSE reduction that each K reaches ((base - K) / (base - limit); — when the limit removes < 3%). "
+          + FRACTION_NOTE, "",
           "| setting | K=2 | K=4 | K=8 | K=16 | limit | frac K=2 | frac K=4 | frac K=8 | frac K=16 |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in S.items():
@@ -220,7 +224,7 @@ def write_markdown(results: dict) -> str:
         fr = s["limit"]["fraction_of_limit"]
         L.append(f"| {name} | " + " | ".join(f"{r:.2f}" for r in ratios) + " | "
                  + " | ".join(_pct(fr.get(k)) for k in ("2", "4", "8", "16")) + " |")
-    L += ["", "## Which part helps? Ablations", "",
+    L += ["", "## Which part helps? Loss, control variate, number of reference pairs", "",
           "MSE ratio is against the base with the SAME loss (ramp rows against ramp-DPO: the two losses have "
           "different population targets, each a converged minimiser); regret compares all rows directly, and "
           "the targets' own regrets are in the second and third columns.", "",
@@ -237,7 +241,8 @@ def write_markdown(results: dict) -> str:
                  f"{cell('vrpo_oracle')} | {cell('vrpo_ramp_oracle_k2')} | {cell('vrpo_ramp_oracle')} | "
                  f"{cell('vrpo_ramp_oracle_exact')} |")
     L += ["", "## Auxiliary model and other estimators (sigmoid, K = 8; MSE ratio to base, bias², failed fits)", "",
-          "'frac of oracle' = (base - method) / (base - oracle VRPO) MSE reduction (— when the oracle gains < 3%).", "",
+          "'frac of oracle' = (base - method) / (base - oracle VRPO) MSE reduction (— when the oracle gains < 3%). "
+          + FRACTION_NOTE, "",
           "cDPO and rDPO estimate shifted targets by design (smoothed / de-flipped labels), so their MSE against the "
           "DPO target is mostly bias; their regret (in brackets, DPO's first) is the fair comparison.", "",
           "| setting | fitted | cross-fitted | frac of oracle (fitted; cross-fitted) | wrong g | est. coef K=8 (mean c) | "

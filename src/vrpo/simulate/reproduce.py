@@ -29,18 +29,21 @@ SWEEP_FACTORS = [0.25, 0.5, 2.0, 4.0]  # n-sweep: these multiples of --n (and --
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vrpo.cli_args import NONNEGATIVE_FLOAT, SEED, add_overwrite_flag
+
     parser.add_argument("--replicates", type=int, default=200,
                         help="simulated datasets per setting (default 200)")
     parser.add_argument("--n", type=int, default=400, help="labelled pairs per dataset (default 400)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of worlds and datasets (default 0)")
-    parser.add_argument("--out", default="runs/bandit", help="output folder (default runs/bandit)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of worlds and datasets (default 0)")
+    parser.add_argument("--out", default="runs/bandit", help="output folder (default runs/bandit); rerun to resume")
+    add_overwrite_flag(parser)
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help=f"comma-separated settings (default all: {','.join(SETTINGS)})")
     parser.add_argument("--quick", action="store_true",
                         help="the demo's quick run: 60 replicates, no one-stage model, a short n-sweep (~1 min)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the n-sweep (MSE and regret against n)")
     parser.add_argument("--no-one-stage", action="store_true", help="skip the tabular DPO (one-stage) primary model")
-    parser.add_argument("--ridge", type=float, default=1e-3,
+    parser.add_argument("--ridge", type=NONNEGATIVE_FLOAT, default=1e-3,
                         help="ridge of the linear primary model's fits and target (default 1e-3; near 0 shows the "
                              "sigmoid control variate's divergent fits)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,8 +115,10 @@ def run(args: argparse.Namespace) -> int:
     from vrpo.simulate.report import write_plots, write_markdown, build_results
     from vrpo.simulate.world import make_world
 
+    from vrpo.outputs import claim_output
+
     cfg = resolve(args)
-    out = Path(args.out)
+    out = claim_output(args.out, "reproduce bandit", {**cfg, "part_version": PART_VERSION}, overwrite=args.overwrite)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     # the tensors are small: one thread is as fast, and far faster on a shared, busy machine

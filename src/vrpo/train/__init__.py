@@ -10,11 +10,11 @@ Light to import: the heavy modules (transformers, torch) load on first use.
 from vrpo.train.config import VRPOConfig  # noqa: F401
 
 
-def train(config, callbacks=()):
+def train(config, callbacks=(), *, overwrite=False):
     """See :func:`vrpo.train.run.train`."""
     from vrpo.train.run import train as _train
 
-    return _train(config, callbacks)
+    return _train(config, callbacks, overwrite=overwrite)
 
 
 def __getattr__(name):

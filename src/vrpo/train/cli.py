@@ -1,66 +1,90 @@
-"""``vrpo train``: flags mirror ``VRPOConfig`` one to one; precedence defaults < --config FILE.yaml < flags."""
+"""``vrpo train``: flags mirror ``VRPOConfig`` one to one; precedence defaults < --config FILE.yaml < flags.
+
+The flags of ``vrpo train`` and ``vrpo train-rm`` are generated from the same table
+(``vrpo.train.config.SETTINGS``: kind, help, group of every setting), so the two commands
+share names, checks and help. A method's own settings (``Method.settings``) are grouped
+under that method in ``--help``.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import typing
 
-from vrpo.train.config import VRPOConfig, read_yaml
-
-HELP = {
-    "model": "policy initialisation and reference model pi_ref (a save_pretrained folder)",
-    "data": "preference data (JSONL/Parquet/CSV/saved datasets folder) or a `vrpo score` folder",
-    "out": "run folder (checkpoints, metrics.jsonl, config.yaml, model, model card); rerun to resume",
-    "samples": "a `vrpo sample` folder (not needed when --data is a `vrpo score` folder)",
-    "method": "dpo, vrpo, cdpo or rdpo (vrpo.train.METHODS)",
-    "base_loss": "f in the soft-label loss: sigmoid (DPO; the default, recommended), ramp (paper code; drifted far "
-                 "in KL in the IMDb paper preset), hinge, ipo",
-    "num_ref_samples": "K reference samples per prompt (default: all the data holds). Efficient K: 8 "
-                       "(88-92%% of the exact expectation's MSE reduction in the testbed; K=4: 69-78%%; "
-                       "K=2 with coefficient 1 removes nothing: see docs/variance.md)",
-    "control_variate_coef": "c in f - c l(z,g) + c mean l(z~,g~); 1 is the paper's. With only K=2, use 0.5 "
-                            "(halves the pair variance instead of removing none)",
-    "prompt_truncation": "a prompt longer than --max-prompt-length: error (default) or left (keep its end)",
-    "report_to": "Trainer integrations, e.g. tensorboard (default none)",
-    "training_args": "JSON object of extra transformers.TrainingArguments (deepspeed, fsdp, ...)",
-    "allow_reference_mismatch": "train although samples/pairs were not drawn from this reference model (recorded)",
-    "trust_remote_code": "allow the model folder's own code (off by default)",
-    "lora_r": "LoRA rank (0 = full fine-tuning)",
-}
+from vrpo.train.config import SETTINGS, VRPOConfig, choices_of, flag_name, read_yaml
 
 
-def _field_type(field: dataclasses.Field):
-    hint = field.type if not isinstance(field.type, str) else eval(field.type, vars(typing))  # noqa: S307
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+def _default_text(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, dict)) and not value:
+        return "none"
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return str(value).replace("%", "%%")
+
+
+def _method_groups(registry: dict) -> dict[str, str]:
+    """setting -> the title of the group of the methods that declare it."""
+    owners: dict[str, list[str]] = {}
+    for name, method in registry.items():
+        for setting in method.settings:
+            owners.setdefault(setting, []).append(name)
+    return {s: f"{'/'.join(names)} only (--method {' or '.join(names)})" for s, names in owners.items()}
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One flag per field of ``config_cls`` (``--field-name``), typed, grouped and documented
+    from ``SETTINGS``; the defaults stay None so a --config file can set what a flag does not."""
+    registry = config_cls()._method_registry()
+    by_method = _method_groups(registry)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    parser.add_argument("--config", help="YAML file of settings (keys as the flags, - or _); flags given on the "
+                        "command line win (default: none)")
+    for f in dataclasses.fields(config_cls):
+        setting = SETTINGS[f.name]
+        title = by_method.get(f.name, setting.group)
+        group = groups.setdefault(title, parser.add_argument_group(title))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = setting.help if "default" in setting.help or f.name in ("model", "data", "out") else \
+            f"{setting.help} (default: {_default_text(default)})"
+        kw = {"dest": f.name, "default": None, "help": text}
+        choices = choices_of(f.name, registry)
+        if setting.kind is bool:
+            group.add_argument("--" + flag_name(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif setting.kind is list:
+            group.add_argument("--" + flag_name(f.name), nargs="+", metavar="NAME", **kw)
+        elif choices is not None:
+            group.add_argument("--" + flag_name(f.name), choices=choices, **kw)
+        else:
+            group.add_argument("--" + flag_name(f.name), type=setting.kind, **kw)
+    from vrpo.cli_args import add_overwrite_flag
+
+    add_overwrite_flag(parser, "the run folder")
+
+
+def settings_from_args(args: argparse.Namespace, config_cls):
+    """``config_cls`` from defaults < ``--config`` < flags, validated."""
+    values = read_yaml(args.config) if args.config else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+                   if getattr(args, f.name, None) is not None})
+    # flags are always known settings, so an unknown one can only come from the YAML file
+    return config_cls.from_dict(values, source=f"--config {args.config}" if args.config else "flags").validate()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of settings (keys as the flags, - or _)")
-    for f in dataclasses.fields(VRPOConfig):
-        flag, kind = "--" + f.name.replace("_", "-"), _field_type(f)
-        kw = {"dest": f.name, "default": None, "help": HELP.get(f.name, f"default {f.default if f.default is not dataclasses.MISSING else f.default_factory()}")}
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif kind in (list, typing.List) or typing.get_origin(kind) is list:
-            p.add_argument(flag, nargs="+", **kw)
-        elif kind is dict:
-            p.add_argument(flag, type=json.loads, **kw)
-        else:
-            p.add_argument(flag, type=kind, **kw)
+    add_setting_flags(p, VRPOConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> VRPOConfig:
-    values = read_yaml(args.config) if args.config else {}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(VRPOConfig)
-                   if getattr(args, f.name, None) is not None})
-    return VRPOConfig.from_dict(values, source=args.config or "flags").validate()
+    return settings_from_args(args, VRPOConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     from vrpo.train.run import train
 
-    out = train(config_from_args(args))
+    from vrpo.train.run import summary_line
+
+    out = train(config_from_args(args), overwrite=args.overwrite)
     print(f"saved the model, model card and run record in {out}")
+    print(summary_line(out))
     return 0

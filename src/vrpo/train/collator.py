@@ -1,5 +1,5 @@
 """From canonical preference rows to tensors: features per example, and the collator that
-packs chosen, rejected and the K reference samples of each prompt into ONE forward pass.
+packs chosen, rejected and the K reference samples of each prompt into one batch.
 
 Kept apart from the Trainer so other trainers (the reward model of two-stage VRPO) reuse it.
 
@@ -11,7 +11,8 @@ Feature of one example (a dict, stored in a ``datasets.Dataset``):
 
 Batch (``PreferenceCollator``), N = B * (2 + K) sequences in the order
 [chosen_0..chosen_{B-1}, rejected_0.., ref_{0,0}..ref_{0,K-1}, ref_{1,0}, ...]:
-    input_ids, attention_mask, completion_mask [N, T] (right padding)
+    the rows of ``vrpo.sequences.pack_rows``: N plain rows [N, T] in that order (right padding),
+    or with ``share_prompt`` B rows, each example's prompt once followed by its 2 + K completions;
     ref_chosen_logps [B], ref_rejected_logps [B], ref_sample_logps [B, K], aux_prob [B],
     ref_aux_prob [B, K, K] (when present in the features).
 """
@@ -22,6 +23,7 @@ from typing import Sequence
 import torch
 
 from vrpo.data import check_probability_column, attach_reference_samples, sequence_batch, tokenize_completions  # noqa: F401 (re-export)
+from vrpo.sequences import pack_rows
 
 
 def _check_reference_columns(row: dict, i: int, k: int, source: str) -> None:
@@ -66,9 +68,11 @@ def build_features(rows: Sequence[dict], tokenizer, cfg, *, with_reference: bool
             k = num_ref_samples
             _check_reference_columns(row, i, k, source)
             logps = row.get("ref_logps")
+            # a sample cut at the sampler's length limit never drew EOS: none is added (as when it was scored)
+            cut = list(row.get("ref_truncated") or [False] * k)[:k]
             ref_prompt_ids, ref_ids = tokenize_completions(tokenizer, row["prompt"], list(row["ref_samples"][:k]),
                                                            where=f"{where} reference samples", **settings,
-                                                           cut_completions=logps is None)
+                                                           add_eos=[not t for t in cut], cut_completions=logps is None)
             feat.update(aux_prob=float(row["aux_prob"]), ref_prompt_ids=ref_prompt_ids, ref_ids=ref_ids,
                         ref_aux_prob=[list(map(float, r[:k])) for r in row["ref_aux_prob"][:k]],
                         ref_logps=None if logps is None else [float(x) for x in logps[:k]])
@@ -77,20 +81,19 @@ def build_features(rows: Sequence[dict], tokenizer, cfg, *, with_reference: bool
 
 
 class PreferenceCollator:
-    """Pads the features of a batch into one [N, T] block (see the module docstring)."""
+    """Pads the features of a batch into one block of rows (see the module docstring).
 
-    def __init__(self, pad_token_id: int, with_reference: bool):
+    ``share_prompt``: one row per example holding its prompt once and all 2 + K completions
+    (``vrpo.sequences``' shared-prompt layout) instead of one row per sequence.
+    """
+
+    def __init__(self, pad_token_id: int, with_reference: bool, share_prompt: bool = False):
         self.pad_token_id = pad_token_id
         self.with_reference = with_reference
+        self.share_prompt = share_prompt
 
     def __call__(self, features: list[dict]) -> dict:
-        prompts = [f["prompt_ids"] for f in features] * 2
-        completions = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
-        if self.with_reference:
-            for f in features:
-                prompts += [f["ref_prompt_ids"]] * len(f["ref_ids"])
-                completions += list(f["ref_ids"])
-        batch = sequence_batch(prompts, completions, self.pad_token_id)
+        batch = pack_rows(self.rows(features), self.pad_token_id)
         for key in ("ref_chosen_logps", "ref_rejected_logps", "aux_prob"):
             if key in features[0] and features[0][key] is not None:
                 batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
@@ -98,3 +101,17 @@ class PreferenceCollator:
             batch["ref_sample_logps"] = torch.tensor([f["ref_logps"] for f in features], dtype=torch.float32)
             batch["ref_aux_prob"] = torch.tensor([f["ref_aux_prob"] for f in features], dtype=torch.float32)
         return batch
+
+    def rows(self, features: list[dict]) -> list[list[tuple]]:
+        """``vrpo.sequences.pack_rows``' rows: items (sequence index, prompt ids, completion ids)."""
+        b = len(features)
+        examples = []
+        for i, f in enumerate(features):
+            items = [(i, f["prompt_ids"], f["chosen_ids"]), (b + i, f["prompt_ids"], f["rejected_ids"])]
+            if self.with_reference:
+                k = len(f["ref_ids"])
+                items += [(2 * b + i * k + j, f["ref_prompt_ids"], ids) for j, ids in enumerate(f["ref_ids"])]
+            examples.append(items)
+        if self.share_prompt:
+            return examples
+        return [[item] for item in sorted((it for items in examples for it in items), key=lambda it: it[0])]

@@ -33,6 +33,9 @@ class Method:
     needs_reference_samples: bool = False  # K samples per prompt and their ref log-probs
     needs_aux: bool = False  # aux_prob on observed pairs and ref_aux_prob on reference pairs
     description: str = ""
+    # the config fields only this method reads: its flags are grouped under it in --help, and
+    # config.yaml, the model card and the reuse record of a run of another method leave them out
+    settings: tuple = ()
 
 
 def _dpo(rewards: Rewards, batch: dict, cfg) -> tuple[Tensor, dict]:
@@ -63,10 +66,11 @@ def _vrpo(rewards: Rewards, batch: dict, cfg) -> tuple[Tensor, dict]:
 
 METHODS: dict[str, Method] = {
     "dpo": Method(_dpo, description="DPO: f(z+-), the base estimator"),
-    "cdpo": Method(_cdpo, description="conservative DPO: l(z+-, 1 - eps)"),
-    "rdpo": Method(_rdpo, description="robust DPO: unbiased under label-flip rate eps"),
+    "cdpo": Method(_cdpo, description="conservative DPO: l(z+-, 1 - eps)", settings=("label_smoothing",)),
+    "rdpo": Method(_rdpo, description="robust DPO: unbiased under label-flip rate eps", settings=("flip_rate",)),
     "vrpo": Method(_vrpo, needs_reference_samples=True, needs_aux=True,
-                   description="VRPO: f(z+-) - c l(z+-, g+-) + c mean_jk l(z~_jk, g~_jk)"),
+                   description="VRPO: f(z+-) - c l(z+-, g+-) + c mean_jk l(z~_jk, g~_jk)",
+                   settings=("samples", "num_ref_samples", "control_variate_coef")),
 }
 
 

@@ -9,8 +9,9 @@ prompt + response is r(x, y). With margins z = r(x, a) - r(x, b) (METHOD.md):
 
 Unlike DPO no reference log-probs are needed: the reward is the head's output itself. The
 chosen, rejected and K reference responses of every prompt go through the model in one
-forward pass; the tokenisation is :func:`vrpo.data.tokenize_completions`, the one every
-stage shares (the policy stage scores with the same settings, read from this run's
+forward pass (or two with ``sequences_per_pass``; with ``share_prompt`` the prompt once and
+the score read at each completion's last token); the tokenisation is
+:func:`vrpo.data.tokenize_completions`, the one every stage shares (the policy stage scores with the same settings, read from this run's
 config.yaml).
 """
 from __future__ import annotations
@@ -66,14 +67,18 @@ class RewardModelConfig(TrainingSettings):
 
     method: str = "bt"  # bt (Bradley-Terry) or vrpo
     per_device_train_batch_size: int = 8  # prompts per step and device; each brings 2 + K sequences
-    logging_steps: int = 10
-    save_steps: int = 200
+    # logging and checkpoints as `vrpo train`'s (the same console and metrics.jsonl lines)
 
     def _engine_settings(self) -> dict:
         return {"data_seed": self.seed}
 
-    def _check_method(self) -> None:
-        rm_method(self.method)
+    def _method_registry(self) -> dict:
+        from vrpo.train.methods import METHODS
+
+        return {name: METHODS[key] for name, key in RM_METHOD_NAMES.items()}
+
+    def _method(self):
+        return rm_method(self.method)
 
 
 # --------------------------------------------------------------------------------------
@@ -88,6 +93,19 @@ def pipeline_view(cfg: "RewardModelConfig"):
                            allow_reference_mismatch=cfg.allow_reference_mismatch)
 
 
+def reference_chat_template(cfg: "RewardModelConfig"):
+    """The chat template that renders conversational rows: pi_ref's, as `vrpo sample` and
+    `vrpo train` rendered them (prompt ids must match the samples'): the model the samples'
+    manifest names, else ``ref_model``, else the initialisation ``model``. The reward model's
+    own tokenizer then tokenises the rendered text."""
+    from vrpo.data import chat_template_source
+
+    if cfg.samples:
+        return chat_template_source(samples=cfg.samples)
+    return chat_template_source(tokenizer=cfg.ref_model or cfg.model,
+                                tokenizer_flag="--ref-model" if cfg.ref_model else "--model")
+
+
 def load_reward_features(cfg: "RewardModelConfig", tokenizer) -> tuple[list[dict], int | None, dict]:
     """Tokenised features of the preference data (``build_features``), K, and the manifests met.
 
@@ -100,7 +118,7 @@ def load_reward_features(cfg: "RewardModelConfig", tokenizer) -> tuple[list[dict
     from vrpo.train.run import load_training_rows
 
     method = rm_method(cfg.method)
-    rows, manifests = load_training_rows(pipeline_view(cfg), tokenizer)
+    rows, manifests = load_training_rows(pipeline_view(cfg), reference_chat_template(cfg))
     k = None
     if method.needs_reference_samples:
         k = cfg.num_ref_samples or default_num_ref_samples(rows, cfg.data)
@@ -122,7 +140,7 @@ def check_reward_provenance(cfg: "RewardModelConfig", manifests: dict) -> dict:
     ref_path = cfg.ref_model or cfg.model
     problems = check_provenance(pipeline_view(cfg), manifests, fingerprint_model(ref_path), fingerprint_tokenizer(ref_path))
     return {"reference_model": ref_path, "manifests": manifests, "allowed_mismatches": problems,
-            "data_fingerprint": fingerprint_data(cfg.data)}
+            "data_fingerprint": fingerprint_data(cfg.data), "data_checks": manifests.get("data_checks")}
 
 
 def unpack_rewards(rewards, batch_size: int, k: int | None):
@@ -139,56 +157,54 @@ def unpack_rewards(rewards, batch_size: int, k: int | None):
 # --------------------------------------------------------------------------------------
 def _trainer_class():
     import torch
-    from transformers import Trainer
 
-    class RewardModelTrainer(Trainer):
-        """``transformers.Trainer`` whose loss is the ``train-rm --method`` adapter on packed batches."""
+    from vrpo.sequences import sequence_scores
+    from vrpo.train.trainer import SequenceLossTrainer
+
+    class RewardModelTrainer(SequenceLossTrainer):
+        """``transformers.Trainer`` whose loss is the ``train-rm --method`` adapter on packed batches
+        (the step of ``vrpo.train.trainer.SequenceLossTrainer``: one pass, or two with
+        ``sequences_per_pass``)."""
 
         def __init__(self, *args, rm_config: RewardModelConfig, num_ref_samples: int | None, **kwargs):
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, sequences_per_pass=rm_config.sequences_per_pass, **kwargs)
             self.rm_config, self.num_ref_samples = rm_config, num_ref_samples
             self.method = rm_method(rm_config.method)
-            # our loss is a per-example mean: the Trainer must scale it for gradient accumulation
-            self.model_accepts_loss_kwargs = False
-            self._pending: dict[str, list[float]] = {}
+            if rm_config.share_prompt and self.train_dataset is not None and len(self.train_dataset):
+                self.check_shared_prompt(sequence_scores)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0]
-            b = inputs["input_ids"].shape[0] // (2 + (self.num_ref_samples or 0))
+        def sequence_values(self, model, chunk: dict):
+            return sequence_scores(model, chunk)
+
+        def loss_from_values(self, rewards, inputs: dict):
+            b = rewards.shape[0] // (2 + (self.num_ref_samples or 0))
             r = unpack_rewards(rewards, b, self.num_ref_samples)
             per_example, extra = self.method.loss(r, inputs, self.rm_config)
-            loss = per_example.mean()
             self._record(r, extra)
-            return (loss, {"rewards_chosen": r.chosen, "rewards_rejected": r.rejected}) if return_outputs else loss
+            return per_example.mean(), {"rewards_chosen": r.chosen, "rewards_rejected": r.rejected}
 
         def _record(self, r, extra: dict) -> None:
             # the metric names TRL users know, averaged over the steps between two log lines
+            # (each a mean over the micro-batch, then over all processes under DDP)
             with torch.no_grad():
                 margin = r.chosen - r.rejected
                 values = {"rewards/chosen": r.chosen.mean(), "rewards/rejected": r.rejected.mean(),
-                          "rewards/margins": margin.mean(), "rewards/accuracies": (margin > 0).float().mean(), **extra}
-                for name, v in values.items():  # averaged over all processes under DDP
-                    v = self.accelerator.gather_for_metrics(v.detach().float().reshape(-1))
-                    self._pending.setdefault(name, []).append(v.mean().item())
+                          "rewards/margins": margin.mean(), "rewards/accuracies": (margin > 0).float().mean(),
+                          **extra}
+                self._record_metrics(values)
 
         def log(self, logs: dict, *args, **kwargs) -> None:
             if "loss" in logs:  # a training log line: attach the averages since the last one
-                logs.update({k: sum(v) / len(v) for k, v in self._pending.items() if v})
-                self._pending.clear()
+                logs.update(self._pop_metric_averages())
             super().log(logs, *args, **kwargs)
 
     return RewardModelTrainer
 
 
 def _load_tokenizer(cfg: RewardModelConfig):
-    from transformers import AutoTokenizer
+    from vrpo.sampling import load_tokenizer
 
-    if not Path(cfg.model).is_dir():
-        raise ValueError(f"--model: {cfg.model} is not a model folder")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
 
 
 def _build_model(cfg: RewardModelConfig, tokenizer=None):
@@ -198,8 +214,8 @@ def _build_model(cfg: RewardModelConfig, tokenizer=None):
 
     tokenizer = tokenizer or _load_tokenizer(cfg)
     set_seed(cfg.seed)  # the fresh scalar head is drawn from the global RNG: seed it, or runs differ
-    model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.model, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(  # float32 master weights (--bf16: autocast)
+        cfg.model, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.disable_dropout:
         for module in model.modules():
@@ -208,41 +224,71 @@ def _build_model(cfg: RewardModelConfig, tokenizer=None):
     return model, tokenizer
 
 
-def train_reward_model(cfg: RewardModelConfig, *, resume: bool = False) -> Path:
+def reward_inputs_record(cfg: RewardModelConfig) -> dict:
+    """Everything that determines a reward model (the reuse record of ``out``): ``vrpo train``'s
+    (``vrpo.train.run.run_inputs``: applied settings, fingerprints, processes)."""
+    from vrpo.train.run import run_inputs
+
+    return run_inputs(cfg)
+
+
+def train_reward_model(cfg: RewardModelConfig, *, overwrite: bool = False, callbacks: Sequence = ()) -> Path:
     """Fit r_phi with ``cfg.method``; return the run folder (a reward-model folder for ``vrpo rl``).
 
-    The folder holds config.yaml (resolved), versions.json, manifests/ (provenance of the
-    data and samples), metrics.jsonl, checkpoints/ (``resume=True`` continues from the last),
-    the model (``save_pretrained``, safetensors) with its tokenizer, and README.md.
+    The folder holds config.yaml (the settings that applied), versions.json, manifests/
+    (provenance of the data and samples), metrics.jsonl, checkpoints/, the model
+    (``save_pretrained``, safetensors) with its tokenizer, and README.md. As with ``vrpo
+    train``, a folder made from the same inputs resumes from its last checkpoint, one made
+    from others is refused unless ``overwrite``.
     """
-    import yaml
+    import contextlib
+    import os
 
-    from vrpo.provenance import atomic_write_json, atomic_write_text, package_versions
-    from vrpo.train.collator import PreferenceCollator
-    from vrpo.train.reward_run import resume_point, reward_model_card
-    from vrpo.train.trainer import MetricsJsonlCallback
+    from vrpo.outputs import claim_output, folder_lock
 
     cfg.validate()
     out = Path(cfg.out)
+    inputs = reward_inputs_record(cfg)  # before anything heavy: a bad path is a one-line error now
+    main = int(os.environ.get("RANK", "0")) == 0
+    with folder_lock(out, "train-rm") if main else contextlib.nullcontext():
+        claim_output(out, "train-rm", inputs, overwrite=overwrite)
+        return _train_reward_model_into(cfg, out, callbacks)
+
+
+def _train_reward_model_into(cfg: RewardModelConfig, out: Path, callbacks: Sequence = ()) -> Path:
+    import yaml
+
+    from vrpo.provenance import atomic_write_json, atomic_write_text, package_versions
+    from vrpo.sampling import context_length
+    from vrpo.train.collator import PreferenceCollator
+    from vrpo.train.reward_run import check_checkpoint, last_checkpoint, resume_point, reward_model_card
+    from vrpo.train.run import check_features_fit
+    from vrpo.train.trainer import MetricsJsonlCallback
+
     tokenizer = _load_tokenizer(cfg)
     features, k, manifests = load_reward_features(cfg, tokenizer)  # bad data fails here, before any model loads
+    check_features_fit(features, context_length(cfg.model, trust_remote_code=cfg.trust_remote_code), cfg.data)
     provenance = check_reward_provenance(cfg, manifests)
+    ckpt = last_checkpoint(out / "checkpoints")
+    if ckpt:
+        check_checkpoint(ckpt)
     model, _ = _build_model(cfg, tokenizer)
     args = cfg.training_arguments(out / "checkpoints")
     main = args.process_index == 0  # under `accelerate launch`, one process writes the run record
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump({**asdict(cfg), "stage": "reward_model",
+        atomic_write_text(out / "config.yaml", yaml.safe_dump({**cfg.applied_settings(), "stage": "reward_model",
                                                                "num_ref_samples": k}, sort_keys=False))
         atomic_write_json(out / "versions.json", package_versions())
         atomic_write_json(out / "manifests" / "provenance.json", provenance)
 
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=features, processing_class=tokenizer,
-        data_collator=PreferenceCollator(tokenizer.pad_token_id, with_reference=k is not None),
-        callbacks=[MetricsJsonlCallback(out / "metrics.jsonl")], rm_config=cfg, num_ref_samples=k,
+        data_collator=PreferenceCollator(tokenizer.pad_token_id, with_reference=k is not None,
+                                         share_prompt=cfg.share_prompt),
+        callbacks=[MetricsJsonlCallback(out / "metrics.jsonl"), *callbacks], rm_config=cfg, num_ref_samples=k,
     )
-    ckpt = resume_point(out / "checkpoints", resume, out / "metrics.jsonl", main_process=main)
+    ckpt = resume_point(out / "checkpoints", True, out / "metrics.jsonl", main_process=main)
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     trainer.save_model(str(out))  # safetensors; only the main process writes
     if trainer.is_world_process_zero():

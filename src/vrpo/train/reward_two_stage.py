@@ -64,7 +64,7 @@ def _one_seed(spec: TwoStageSpec, row: str, seed: int, *, base_model: str, folde
     settings = {**spec.reward_model, **spec.rows[row]}
     rm_cfg = RewardModelConfig(model=base_model, data=str(data_file), out=str(folder / "reward_model"),
                                seed=seed, samples=samples, **settings)
-    rm_dir = train_reward_model(rm_cfg, resume=True)
+    rm_dir = train_reward_model(rm_cfg)  # resumes a folder made from the same inputs
     scorer = RewardModelScorer.from_pretrained(rm_dir)
     z = pair_margins(scorer, eval_pairs.prompts, eval_pairs.chosen, eval_pairs.rejected)
     result = {"row": row, "method": rm_cfg.method, "base_loss": rm_cfg.base_loss, "seed": seed,
@@ -77,7 +77,7 @@ def _one_seed(spec: TwoStageSpec, row: str, seed: int, *, base_model: str, folde
     if spec.rl is not None and rl_prompts and seed in (spec.rl_seeds or spec.seeds):
         rl_cfg = RLConfig(model=base_model, reward_model=str(rm_dir), prompts=str(rl_prompts),
                           out=str(folder / "policy"), seed=seed, **spec.rl)
-        policy_dir = run_rl(rl_cfg, resume=True)
+        policy_dir = run_rl(rl_cfg)  # resumes a folder made from the same inputs
         result["policy"] = str(policy_dir)
         if evaluate_policy is not None:
             result["policy_eval"] = evaluate_policy(policy_dir, seed)

@@ -10,7 +10,7 @@ Writes to ``--out`` (default ``runs/imdb-<preset>``): ``results.json``, ``result
 ``versions.json``; per run ``runs/<method>/seed<k>/`` (model, result.json). Rerunning skips
 finished (method, seed) pairs.
 
-Other experiments add sections to the results (issue 7's two-stage rows) by one line in
+Other experiments add sections to the results (the two-stage rows) by one line in
 ``EXTRA_SECTIONS``: ``name -> "module:function"``, the function taking ``(setup, out)`` and
 returning ``{"json": <anything JSON>, "markdown": <str>}``.
 """
@@ -22,13 +22,31 @@ EXTRA_SECTIONS: dict[str, str] = {"two_stage": "vrpo.experiments.imdb.two_stage:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="quick", help="quick (the demo, minutes), paper (the full table, "
-                        "see docs/imdb.md for its runtime) or micro (the tests' smoke run); default quick")
-    parser.add_argument("--out", default=None, help="output folder (default runs/imdb-PRESET)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
+    from vrpo.cli_args import POSITIVE_INT, add_overwrite_flag
+    from vrpo.experiments.imdb.presets import PRESETS
+
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                        help="quick (the demo, minutes), paper (the full table, see docs/imdb.md for its runtime) or "
+                        "micro (the tests' smoke run)")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/imdb-PRESET); rerun to resume")
+    parser.add_argument("--seeds", type=POSITIVE_INT, default=None, help="number of seeds (default: the preset's)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated method names (default: the preset's); see docs/imdb.md")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_overwrite_flag(parser)
+
+
+def reuse_inputs(preset) -> dict:
+    """What the folder's finished runs, samples and preference files depend on: the preset but
+    its choice of rows and seeds (a rerun with more seeds or other methods reuses the
+    finished ones) and the bootstrap size (the summary is recomputed every time)."""
+    from dataclasses import asdict
+
+    from vrpo.experiments.imdb.two_stage import get_settings
+
+    left_out = ("methods", "seeds", "frontier_methods", "frontier_betas", "n_boot")
+    return {**{k: v for k, v in asdict(preset).items() if k not in left_out},
+            "two_stage": asdict(get_settings(preset.name))}
 
 
 def _preset_from_args(args):
@@ -37,8 +55,6 @@ def _preset_from_args(args):
 
     overrides = {}
     if args.seeds is not None:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds {args.seeds}: expected at least 1")
         overrides["seeds"] = tuple(range(args.seeds))
     if args.methods:
         names = tuple(n.strip() for n in args.methods.split(",") if n.strip())
@@ -89,11 +105,14 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     t0, c0 = time.perf_counter(), time.process_time()
-    out.mkdir(parents=True, exist_ok=True)
+    from vrpo.outputs import claim_output
+
     # every invocation into OUT appends its time, so a resumed experiment still states its full cost;
     # read now, so a damaged log stops the run before anything is computed
     log = out / "invocations.jsonl"
     entries = _read_invocations(log)
+    claim_output(out, "reproduce imdb", reuse_inputs(preset), overwrite=args.overwrite)
+    entries = [] if not log.exists() else entries  # --overwrite started the folder over
     atomic_write_json(out / "config.json", asdict(preset))
     atomic_write_json(out / "versions.json", package_versions())
     specs = get_methods(preset.methods)

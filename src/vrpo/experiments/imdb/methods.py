@@ -11,10 +11,10 @@ Rows (paper names where the paper has the row):
 - DPO (sigmoid), and the robust baselines cDPO / rDPO (label smoothing / flip rate 0.1).
 - VRPO (pi_ref, aux) for pi_ref in {correct, misspecified} x aux in {oracle, fitted GPM,
   misspecified}, with the paper code's ramp loss and K = 4.
-- Ablations (issue 8): ramp-DPO (the ramp loss without the control variate), VRPO with the
+- Ablations: ramp-DPO (the ramp loss without the control variate), VRPO with the
   sigmoid loss, and VRPO at K = 2 (the paper code's single reference pair) vs K = 4; so the
   table separates the loss, the control variate and the extra reference pairs.
-- Two-stage rows (issue 7: reward model + RL engine) are not rows of this table; they add
+- Two-stage rows (reward model + RL engine) are not rows of this table; they add
   their results under ``results.json["two_stage"]`` (see ``runner.extra_sections``).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ class MethodSpec:
     aux: Optional[str] = None  # one of AUX_KINDS (VRPO only)
     reference: str = "correct"  # one of REFERENCE_KINDS (VRPO only)
     group: str = "main"  # "main", "baseline" or "ablation": the table section
-    paper_row: Optional[str] = None  # the METHOD.md row it reproduces
+    paper_row: Optional[str] = None  # the paper's row it reproduces (docs/method.md)
     beta: Optional[float] = None  # None = the preset's beta
 
     def at_beta(self, beta: float) -> "MethodSpec":

@@ -148,6 +148,7 @@ def reference_matrices(model, prompts: list[str], samples: list[list[str]]) -> n
 
 def write_preference_files(setup: Setup, folders: dict[str, Path], seed: int, needed: set[tuple[str, str]]) -> dict:
     """``(reference kind, aux kind) -> preference file`` for one seed; skips files that exist."""
+    from vrpo.data import check_same_prompt
     from vrpo.provenance import atomic_write_text
     from vrpo.sampling import read_samples
 
@@ -159,8 +160,10 @@ def write_preference_files(setup: Setup, folders: dict[str, Path], seed: int, ne
     rows = labelled_pairs(setup, read_samples(folders["pairs"]), seed)
     aux = aux_models(setup, rows, seed, {a for _, a in todo})
     for ref_kind, aux_kind in sorted(todo):
-        refs = {r["prompt_id"]: r["samples"] for r in read_samples(folders[f"refs-{ref_kind}"])}
-        samples = [refs[r["prompt_id"]] for r in rows]
+        refs = {r["prompt_id"]: r for r in read_samples(folders[f"refs-{ref_kind}"])}
+        for r in rows:  # joined by id: the prompt text must be the same too
+            check_same_prompt(r["prompt"], refs[r["prompt_id"]]["prompt"], f"imdb refs-{ref_kind}: {r['prompt_id']}")
+        samples = [refs[r["prompt_id"]]["samples"] for r in rows]
         observed, model = aux[aux_kind]
         mats = reference_matrices(model, [r["prompt"] for r in rows], samples)
         lines = [json.dumps(dict(r, aux_prob=float(g), ref_samples=s, ref_aux_prob=m.tolist()))

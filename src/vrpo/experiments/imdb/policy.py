@@ -27,7 +27,8 @@ def config_key(cfg) -> str:
 @dataclass(frozen=True)
 class PolicyConfig:
     """Sized so the quick preset fits the 10-minute demo on 2 CPU cores: vocabulary size
-    dominates the cost (ENVIRONMENT.md), so 4k tokens; d=128, 2 layers, ~0.9M parameters."""
+    dominates the cost of so small a model (the output layer is vocabulary x d), so 4k tokens;
+    d=128, 2 layers, ~0.9M parameters."""
 
     vocab_size: int = 4096
     n_embd: int = 128
@@ -139,4 +140,4 @@ def load_policy(folder: str | Path):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return GPT2LMHeadModel.from_pretrained(folder).eval(), tokenizer
+    return GPT2LMHeadModel.from_pretrained(folder, use_safetensors=True).eval(), tokenizer

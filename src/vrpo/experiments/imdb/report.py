@@ -11,7 +11,7 @@ import numpy as np
 
 from vrpo.experiments.imdb.methods import HEADLINE, METHODS
 
-# METHOD.md: the paper's IMDb table (read off the poster, +-0.005), T = 0, .25, .5, .75, 1
+# The paper's IMDb table (read off the poster, +-0.005; docs/method.md), T = 0, .25, .5, .75, 1
 PAPER_IMDB = {
     "DPO": (0.804, 0.811, 0.820, 0.807, 0.763),
     "VRPO (correct, oracle)": (0.952, 0.955, 0.960, 0.958, 0.934),
@@ -22,7 +22,7 @@ PAPER_IMDB = {
 }
 PAPER_TEMPERATURES = (0.0, 0.25, 0.5, 0.75, 1.0)
 SECTIONS = (("main", "Main rows (the paper's table)"), ("baseline", "Baselines"),
-            ("ablation", "Ablations (issue 8): loss vs control variate vs number of reference pairs"))
+            ("ablation", "Ablations: loss vs control variate vs number of reference pairs"))
 
 # paired comparisons reported where both rows ran: the paper's headline against DPO and SFT,
 # then like for like (same base loss on both sides, so the difference is the control
@@ -89,7 +89,7 @@ def results_markdown(summary: dict, temperatures, command: str, meta: dict) -> s
              f"Command: `{command}`", "",
              f"Each cell: mean ± sd over {meta['num_seeds']} seeds of the gold reward's P(positive) of "
              f"prompt + continuation, averaged over {meta['num_eval_prompts']} held-out prompts. "
-             "Paper numbers (GPT-2 scale, METHOD.md) are for the shape, not the level.", ""]
+             "Paper numbers (GPT-2 scale; docs/method.md) are for the shape, not the level.", ""]
     table = summary["table"]
     for group, title in SECTIONS:
         rows = [m for m in table if m in METHODS and METHODS[m].group == group] + \

@@ -2,6 +2,8 @@
 
 Each finished (method, seed) leaves ``OUT/runs/<method>/seed<k>/result.json`` (written
 atomically, last): a rerun skips it, so an interrupted experiment resumes where it stopped.
+What a run's training prints (Trainer dictionaries, its own bars) goes to ``train.log``
+beside it; the terminal shows one progress bar and one summary line per run.
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ def train_config(setup, spec: MethodSpec, seed: int, data_file: Path, samples_di
         cache_dir=str(Path(setup.out) / "cache" / "ref-logps"),
         # the misspecified-pi_ref rows use samples of a tempered pi_ref ON PURPOSE; the
         # mismatch is recorded in the run's provenance instead of refused
-        allow_reference_mismatch=spec.reference == "misspecified", resume=True,
-        training_args={"use_cpu": True, "dataloader_num_workers": 0},
+        allow_reference_mismatch=spec.reference == "misspecified",
+        training_args={"use_cpu": True, "dataloader_num_workers": 0, "disable_tqdm": True},
     )
 
 
@@ -56,13 +58,25 @@ def run_one(setup, spec: MethodSpec, seed: int, data_files: dict, sample_dirs: d
     """Train (unless SFT) and evaluate one (method, seed); reuse its result.json if present."""
     import time
 
+    from vrpo.experiments import run_log
     from vrpo.provenance import atomic_write_json
 
     folder = run_dir(setup.out, spec, seed)
     done = folder / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    t0, c0 = time.perf_counter(), time.process_time()
+    with run_log(folder / "train.log"):
+        result = _train_and_evaluate(setup, spec, seed, data_files, sample_dirs, folder, time.perf_counter(),
+                                     time.process_time())
+    atomic_write_json(done, result)
+    _drop_checkpoints(folder / "model")
+    return result
+
+
+def _train_and_evaluate(setup, spec: MethodSpec, seed: int, data_files: dict, sample_dirs: dict, folder: Path,
+                        t0: float, c0: float) -> dict:
+    import time
+
     model, provenance, train_s = setup.model, None, 0.0
     if spec.method is not None:
         from vrpo.experiments.imdb.policy import load_policy
@@ -79,9 +93,15 @@ def run_one(setup, spec: MethodSpec, seed: int, data_files: dict, sample_dirs: d
               # CPU seconds of this process: on a shared machine a steadier cost measure than wall time
               "cpu_seconds": time.process_time() - c0,
               "allowed_mismatches": (provenance or {}).get("allowed_mismatches", [])}
-    atomic_write_json(done, result)
-    _drop_checkpoints(folder / "model")
     return result
+
+
+def summary_line(spec: MethodSpec, seed: int, result: dict, folder: Path) -> str:
+    """One line per finished run: its gold score at the lowest and highest temperature, KL, time."""
+    scores = result["mean_score"]
+    lo, hi = min(scores, key=float), max(scores, key=float)
+    return (f"{spec.name} seed {seed}: gold score {scores[lo]:.3f} at T={float(lo):g}, {scores[hi]:.3f} at "
+            f"T={float(hi):g}; KL {result['kl']:.2f}; {result['seconds']:.0f} s  (log: {folder / 'train.log'})")
 
 
 def _drop_checkpoints(model_dir: Path) -> None:
@@ -99,6 +119,7 @@ def run_all(setup, specs: list[MethodSpec], progress: bool = True) -> dict:
     """``{method: {seed: result}}`` over all rows and seeds, with one progress bar."""
     from tqdm.auto import tqdm
 
+    from vrpo.experiments import run_log
     from vrpo.experiments.imdb.pipeline import draw_samples, write_preference_files
 
     sample_dirs = draw_samples(setup)
@@ -109,7 +130,11 @@ def run_all(setup, specs: list[MethodSpec], progress: bool = True) -> dict:
     for spec, seed in bar:
         bar.set_postfix_str(f"{spec.name} seed {seed}")
         if seed not in files_by_seed:
-            files_by_seed[seed] = write_preference_files(setup, sample_dirs, seed, needed_files(specs))
+            with run_log(Path(setup.out) / "data" / f"seed{seed}.log"):  # reviewer labels, fitted g (its bar)
+                files_by_seed[seed] = write_preference_files(setup, sample_dirs, seed, needed_files(specs))
+        fresh = not (run_dir(setup.out, spec, seed) / "result.json").exists()
         results[spec.name][seed] = run_one(setup, spec, seed, files_by_seed[seed], sample_dirs)
+        if fresh and progress:
+            bar.write(summary_line(spec, seed, results[spec.name][seed], run_dir(setup.out, spec, seed)))
     return results
 

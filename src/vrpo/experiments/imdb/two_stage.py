@@ -1,4 +1,4 @@
-"""The IMDb experiment's two-stage rows (issue 7): reward models bt vs vrpo, then policies on them.
+"""The IMDb experiment's two-stage rows: reward models bt vs vrpo, then policies on them.
 
 Registered in ``vrpo.experiments.imdb.EXTRA_SECTIONS``; :func:`two_stage_section` receives the
 experiment's ``Setup`` and output folder and returns ``{"json": ..., "markdown": ...}``
@@ -26,6 +26,8 @@ auxiliary probabilities), initialised from pi_ref with a fresh scalar head. Then
 Every (row, seed) leaves ``OUT/two_stage/<row>/seed<k>/result.json``; a rerun reuses it.
 """
 from __future__ import annotations
+
+import contextlib
 
 import time
 from dataclasses import asdict, dataclass, field
@@ -135,11 +137,13 @@ def two_stage_section(setup, out) -> dict:
         return gold_at_temperatures(setup, model, seed)
 
     spec = _spec(setup, settings)
-    res = run_two_stage(spec, base_model=str(setup.policy_dir), out=folder,
-                        data_for_seed=data_for_seed, eval_pairs=pairs,
-                        rl_prompts=str(setup.out / "data" / "prompts.jsonl"), evaluate_policy=evaluate_policy,
-                        best_of_n_candidates=(prompts, candidates), gold_score=setup.gold_score,
-                        progress=setup.progress)
+    # the Trainers' dictionaries (stdout) go to a log; the progress bar (stderr) stays on the terminal
+    with open(folder / "train.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        res = run_two_stage(spec, base_model=str(setup.policy_dir), out=folder,
+                            data_for_seed=data_for_seed, eval_pairs=pairs,
+                            rl_prompts=str(setup.out / "data" / "prompts.jsonl"), evaluate_policy=evaluate_policy,
+                            best_of_n_candidates=(prompts, candidates), gold_score=setup.gold_score,
+                            progress=setup.progress)
     gold = np.array([setup.gold_score(prompts, [c[j] for c in candidates]) for j in range(settings.best_of_n)])
     context = {
         "rm_accuracy_ceiling": float(np.mean(np.maximum(p_star, 1 - p_star))),  # the Bayes rule's agreement
@@ -183,7 +187,7 @@ def section_markdown(data: dict, temps: list[str], seeds) -> str:
     s = data["settings"]
     rm = data["reward_model"]
     lines = [
-        "## Two-stage rows (issue 7): reward model, then best-of-n / RLOO on it", "",
+        "## Two-stage rows: reward model, then best-of-n / RLOO on it", "",
         f"Reward models initialised from pi_ref with a fresh scalar head, trained with `vrpo train-rm` on each seed's "
         f"labelled pairs and reference samples (the same as the one-stage DPO and VRPO (correct, oracle) rows: "
         f"oracle g), {rm['num_train_epochs']:g} epochs, lr {rm['learning_rate']:g}, batch "

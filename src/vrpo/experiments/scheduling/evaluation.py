@@ -3,8 +3,10 @@
 For policies pi (pi_ref, DPO, VRPO) with one response per evaluation prompt:
 - win rate of pi against another policy in slice s: mean over prompts x of s of
   p*(x, y_pi, y_other) (the expected share of reviewers preferring pi's answer), with a
-  95% percentile-bootstrap CI over prompts (``vrpo.evaluate.bootstrap_ci``);
-- rubric pass rates per slice (``panel.rubric_passes``), e.g. escalation on urgent symptoms;
+  95% percentile-bootstrap CI over prompts: ``vrpo gate``'s statistics with the panel's
+  p* as the judge (``panel.oracle_prob``);
+- rubric pass rates per slice (``panel.rubrics``, the gate's ``--rubrics`` contract), e.g.
+  escalation on urgent symptoms;
 - calibration of the auxiliary model per slice, on the labelled pairs: its out-of-fold
   g against the labels (Brier, ECE) and against the truth (mean |g - p*|), beside the
   oracle g = p* (the best any g can do against noisy labels).
@@ -15,44 +17,21 @@ from typing import Sequence
 
 import numpy as np
 
-ALL = "all"
+from vrpo.gate import ALL, slice_members, slice_pass_rates, slice_win_rates
 
 
-def _slices_with_all(slices: Sequence[str]) -> list[str]:
-    return sorted(set(slices)) + [ALL]
-
-
-def _members(slices: Sequence[str], name: str) -> np.ndarray:
-    return np.array([name in (s, ALL) for s in slices])
-
-
-def win_rates(panel, prompts: Sequence[str], slices: Sequence[str], policy: Sequence[str], other: Sequence[str],
+def win_rates(judge, prompts: Sequence[str], slices: Sequence[str], policy: Sequence[str], other: Sequence[str],
               n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
-    """``{slice: {"win_rate", "ci_low", "ci_high", "n"}}`` of ``policy`` over ``other`` under p*."""
-    from vrpo.evaluate import bootstrap_ci
-
-    p = np.asarray(panel.preference_prob(list(prompts), list(policy), list(other)), dtype=np.float64)
-    out = {}
-    for name in _slices_with_all(slices):
-        values = p[_members(slices, name)]
-        lo, hi = bootstrap_ci(values, np.mean, n_boot=n_boot, seed=seed)
-        out[name] = {"win_rate": float(values.mean()), "ci_low": lo, "ci_high": hi, "n": int(values.size)}
-    return out
+    """``{slice: {"win_rate", "ci_low", "ci_high", "n"}}`` of ``policy`` over ``other`` under
+    ``judge(prompts, a, b)`` (``panel.oracle_prob``: p*), as ``vrpo gate --judge`` computes them."""
+    p = np.asarray(judge(list(prompts), list(policy), list(other)), dtype=np.float64)
+    return slice_win_rates(p, slices, n_boot=n_boot, seed=seed)
 
 
-def rubric_rates(panel, prompts: Sequence[str], slices: Sequence[str], responses: Sequence[str]) -> dict[str, dict]:
-    """``{slice: {rubric: pass rate}}`` over the prompts where the rubric applies."""
-    table = panel.rubrics(list(prompts), list(responses))
-    out: dict[str, dict] = {}
-    for name in _slices_with_all(slices):
-        rows = [table[i] for i in np.flatnonzero(_members(slices, name))]
-        rates = {}
-        for rubric in table[0]:
-            kept = [r[rubric] for r in rows if r[rubric] == r[rubric]]  # NaN: does not apply
-            if kept:
-                rates[rubric] = float(np.mean(kept))
-        out[name] = rates
-    return out
+def rubric_rates(rubrics, prompts: Sequence[str], slices: Sequence[str], responses: Sequence[str]) -> dict[str, dict]:
+    """``{slice: {rubric: pass rate}}`` over the prompts where the rubric applies, from
+    ``rubrics(prompts, responses, slices)`` (``panel.rubrics``), as ``vrpo gate --rubrics`` reads them."""
+    return slice_pass_rates(rubrics(list(prompts), list(responses), list(slices)), slices)
 
 
 def aux_calibration(aux_prob: Sequence[float], p_star: Sequence[float], slices: Sequence[str], seed: int = 0) -> dict:
@@ -63,8 +42,7 @@ def aux_calibration(aux_prob: Sequence[float], p_star: Sequence[float], slices: 
     g, truth = np.asarray(aux_prob, dtype=np.float64), np.asarray(p_star, dtype=np.float64)
     labels = np.ones_like(g)
     out = {}
-    for name in _slices_with_all(slices):
-        m = _members(slices, name)
+    for name, m in slice_members(slices).items():
         bins = max(2, min(10, int(m.sum()) // 5))
         out[name] = {"n": int(m.sum()), "mean_g": float(g[m].mean()), "mean_p_star": float(truth[m].mean()),
                      "brier": brier(g[m], labels[m]), "ece": expected_calibration_error(g[m], labels[m], bins=bins),

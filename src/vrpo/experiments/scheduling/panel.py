@@ -13,7 +13,7 @@ the slice of the patient's message (``prompts.slice_of``):
 - ``brief``: at most ``BRIEF_WORDS`` words; the graded feature falls from 1 at 30 words to 0 at 80.
 - ``polite``: please / thank / sorry / happy to help ..., and nothing rude.
 
-Reviewer groups weigh these differently (the seed's disagreement for good reasons): the
+Reviewer groups weigh these differently (they disagree for good reasons): the
 front desk likes a short booking answer; triage nurses like cautious escalation and a
 refusal of advice (and do not mind a false alarm); the patient-experience team likes warm,
 fuller answers. A reviewer of group g prefers a to b with probability sigmoid(u_g(a) - u_g(b)),
@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from vrpo.experiments.scheduling.prompts import URGENT_SLICE, slice_of
+from vrpo.experiments.scheduling.prompts import SLICES, URGENT_SLICE, slice_of
 
 BRIEF_WORDS = 40
 
@@ -193,14 +193,25 @@ class Panel:
     def slices(self, prompts: Sequence[str]) -> list[str]:
         return [slice_of(p) for p in prompts]
 
-    def rubrics(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, float]]:
-        """``rubric_passes`` for each (prompt, response)."""
-        return [rubric_passes(slice_of(p), r) for p, r in zip(prompts, responses)]
-
 
 DEFAULT_PANEL = Panel()
 
 
+# The panel through the interfaces any user's code has (no special case anywhere):
+#   vrpo score --aux   vrpo.experiments.scheduling.panel:oracle_prob
+#   vrpo gate --judge  vrpo.experiments.scheduling.panel:oracle_prob
+#             --rubrics vrpo.experiments.scheduling.panel:rubrics
 def oracle_prob(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> np.ndarray:
-    """The oracle auxiliary model for ``--aux vrpo.experiments.scheduling.panel:oracle_prob``: p*."""
+    """p*(x, a, b): the oracle auxiliary model (``--aux``) and the gate's judge (``--judge``)."""
     return DEFAULT_PANEL.preference_prob(prompts, responses_a, responses_b)
+
+
+def rubrics(prompts: Sequence[str], responses: Sequence[str], slices: Sequence[str]) -> list[dict[str, bool | None]]:
+    """The rubrics in ``vrpo gate --rubrics``'s contract: one ``{rubric: True/False/None}``
+    per prompt, None where the rubric does not apply to the slice. A prompt without a known
+    slice (``all``) gets the slice of its patient message (``prompts.slice_of``)."""
+    out = []
+    for prompt, response, name in zip(prompts, responses, slices):
+        passes = rubric_passes(name if name in SLICES else slice_of(prompt), response)
+        out.append({k: None if v != v else bool(v) for k, v in passes.items()})  # NaN: does not apply
+    return out

@@ -56,7 +56,7 @@ def gate_lines(results: dict) -> list[str]:
     for method, g in results["gates"].items():
         verdict = "PASS" if g["passed"] else "FAIL"
         lines.append(f"- **{method} vs pi_ref: {verdict}**" + ("" if g["passed"] else ": " + "; ".join(
-            f"{r['slice']} {r['metric']} {r['baseline']:.2f} -> {r['policy']:.2f}" for r in g["failed"])))
+            f"{r['slice']} {r['metric']}: {r['reason']}" for r in g["failed"])))
     return lines
 
 
