@@ -21,6 +21,10 @@ command's output the same numbers appear:
   have the same first cell (or, when none has, whose first cell starts with the same word),
   and every number of the row must be among theirs; numbers outside tables must be among
   the section's numbers.
+- ``minutes`` (optional): the command's measured CPU time in minutes, on the machine where
+  the page was written. ``--quick`` runs only the commands of at most QUICK_MINUTES; the
+  other figures are compared with their existing outputs when those exist, else listed as
+  not checked.
 
 Numbers inside inline code (`...`) are commands, not figures, and are skipped. A number
 of the page matches a regenerated one when they agree to the page's printed precision
@@ -29,6 +33,7 @@ of the page matches a regenerated one when they agree to the page's printed prec
     python benchmarks/check_figures.py --list
     python benchmarks/check_figures.py --check bandit-theory     # run its command, compare
     python benchmarks/check_figures.py --all [--from-existing]   # every figure; reuse outputs
+    python benchmarks/check_figures.py --all --quick             # rerun the cheap commands only
 
 ``--from-existing`` compares with the output files already on disk (no command is run).
 ``--update`` rewrites each checked ``same`` block with its regenerated section (to refresh a
@@ -52,6 +57,8 @@ CLOSE = re.compile(r"<!--\s*/figure\s*-->")
 NUMBER = re.compile(r"(?<![\w.])[-+−]?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?")
 CODE = re.compile(r"`[^`\n]*`")
 MATCH_MODES = ("same", "subset")
+FIELDS = ("command", "source", "match", "minutes")
+QUICK_MINUTES = 15.0  # --quick reruns commands up to this many CPU minutes (the bandit testbed: ~4)
 
 
 class FigureError(ValueError):
@@ -68,6 +75,11 @@ class Figure:
     line: int
     text: str = field(repr=False)
     span: tuple = field(default=(0, 0), repr=False)  # character offsets of ``text`` in the page
+    minutes: float | None = None  # the command's measured CPU minutes, when the page states them
+
+    @property
+    def quick(self) -> bool:
+        return self.minutes is not None and self.minutes <= QUICK_MINUTES
 
     @property
     def where(self) -> str:
@@ -91,8 +103,8 @@ def _fields(body: str, where: str) -> dict:
     out = {"figure": parts[0]}
     for p in parts[1:]:
         key, sep, value = p.partition(":")
-        if not sep or key.strip() not in ("command", "source", "match"):
-            raise FigureError(f"{where}: figure field {p!r}; expected 'command: ...', 'source: ...' or 'match: ...'")
+        if not sep or key.strip() not in FIELDS:
+            raise FigureError(f"{where}: figure field {p!r}; expected one of " + ", ".join(f"'{k}: ...'" for k in FIELDS))
         out[key.strip()] = value.strip()
     for key in ("command", "source"):
         if not out.get(key):
@@ -100,6 +112,12 @@ def _fields(body: str, where: str) -> dict:
     out.setdefault("match", "same")
     if out["match"] not in MATCH_MODES:
         raise FigureError(f"{where}: figure {out['figure']!r} match {out['match']!r}; expected one of {MATCH_MODES}")
+    if "minutes" in out:
+        try:
+            out["minutes"] = float(out["minutes"])
+        except ValueError:
+            raise FigureError(f"{where}: figure {out['figure']!r} minutes {out['minutes']!r}; expected a number "
+                              "(the command's CPU minutes)") from None
     return out
 
 
@@ -116,7 +134,7 @@ def parse_page(path: Path, root: Path = ROOT) -> list[Figure]:
         if end is None or (nxt is not None and nxt.start() < end.start()):
             raise FigureError(f"{page}:{line}: figure {f['figure']!r} has no closing <!-- /figure -->")
         figures.append(Figure(f["figure"], f["command"], f["source"], f["match"], page, line, text[m.end():end.start()],
-                              (m.end(), end.start())))
+                              (m.end(), end.start()), f.get("minutes")))
         pos = end.end()
     return figures
 
@@ -278,17 +296,22 @@ def main(argv=None, root: Path = ROOT, pages=PAGES) -> int:
     what.add_argument("--all", action="store_true", help="check every figure")
     ap.add_argument("--from-existing", action="store_true", help="compare with the output files on disk; run nothing")
     ap.add_argument("--update", action="store_true", help="rewrite the checked 'same' blocks with the regenerated sections")
+    ap.add_argument("--quick", action="store_true", help=f"rerun only commands of at most {QUICK_MINUTES:g} CPU minutes "
+                    "(their 'minutes:' field); compare the others with existing outputs, or list them as not checked")
     args = ap.parse_args(argv)
     try:
         figures = all_figures(root, pages)
         if args.list:
             for f in figures:
-                print(f"{f.name}\t{f.where}\t{f.match}\n    command: {f.command}\n    source:  {f.source}")
+                print(f"{f.name}\t{f.where}\t{f.match}\t{_minutes(f)}\n    command: {f.command}\n    source:  {f.source}")
             return 0
         chosen = figures if args.all else _select(figures, args.check)
         if not args.from_existing:
-            for command in dict.fromkeys(f.command for f in chosen):  # each command once, in page order
+            rerun = [f for f in chosen if f.quick or not args.quick]
+            for command in dict.fromkeys(f.command for f in rerun):  # each command once, in page order
                 run_command(command, root)
+        if args.quick:
+            chosen = _quick_choice(chosen, args.from_existing, root)
         if args.update:
             update(chosen, root)
             chosen = [f for f in all_figures(root, pages) if f.name in {c.name for c in chosen}]
@@ -304,6 +327,25 @@ def main(argv=None, root: Path = ROOT, pages=PAGES) -> int:
         print(m)
     print(f"{len(chosen)} figure(s) checked, {len(mismatches)} mismatch(es)")
     return 1 if mismatches else 0
+
+
+def _quick_choice(chosen: list[Figure], from_existing: bool, root: Path) -> list[Figure]:
+    """--quick: the figures whose command was rerun, plus the others whose output exists."""
+    kept = []
+    for f in chosen:
+        if f.quick and not from_existing:
+            kept.append(f)
+        elif (root / f.source.partition("#")[0]).is_file():
+            print(f"existing {f.name} ({f.where}): not rerun (its command takes {_minutes(f)}), compared with "
+                  f"{f.source.partition('#')[0]} as found")
+            kept.append(f)
+        else:
+            print(f"skipped  {f.name} ({f.where}): not checked (its command takes {_minutes(f)}; no output yet)")
+    return kept
+
+
+def _minutes(f: Figure) -> str:
+    return f"{f.minutes:g} CPU min" if f.minutes is not None else "an unstated time"
 
 
 def _select(figures: list[Figure], names: list[str]) -> list[Figure]:

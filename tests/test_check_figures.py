@@ -69,7 +69,7 @@ def run(repo, *argv):
 def test_list_names_every_block(repo, capsys):
     assert run(repo, "--list") == 0
     out = capsys.readouterr().out
-    assert "main\tdocs/page.md:5\tsame" in out and "selected\tdocs/page.md:13\tsubset" in out
+    assert "main\tdocs/page.md:5\tsame\tan unstated time" in out and "selected\tdocs/page.md:13\tsubset" in out
     assert "command: python make.py 1.0" in out
 
 
@@ -153,3 +153,43 @@ def test_subset_prefers_rows_with_the_same_first_cell(tmp_path):
     assert len(cf.compare_subset(fig, source)) == 1
     fig.text = "| bt (ramp) | 0.58 |\n| bt (other) | 0.61 |\n"  # no exact row: any 'bt' row
     assert cf.compare_subset(fig, source) == []
+
+
+EXPENSIVE = """
+<!-- figure: long ; command: python make.py 2.0 --crash ; minutes: 90 ; match: subset ;
+     source: long/results.md#main-table-base--vrpo-ratio -->
+| bt | 0.1414 | 0.97 |
+<!-- /figure -->
+"""
+
+
+def test_quick_reruns_only_cheap_commands(repo, capsys):
+    """--quick runs the commands of at most 15 CPU minutes; a 90-minute one is not run (run, it
+    would rewrite main's output with other numbers), is listed as not checked, and is compared
+    once its output exists."""
+    page = repo / "docs" / "page.md"
+    page.write_text(page.read_text().replace("command: python make.py 1.0 ;\n", "command: python make.py 1.0 ; minutes: 1 ;\n")
+                    + EXPENSIVE)
+    assert run(repo, "--all", "--quick") == 0
+    out = capsys.readouterr().out
+    assert "ok       main" in out and "skipped  long (docs/page.md:" in out and "90 CPU min; no output yet" in out
+    assert "existing selected" in out  # no minutes stated: not rerun, compared with the output main's command wrote
+    (repo / "long").mkdir()
+    (repo / "long" / "results.md").write_text((repo / "out" / "results.md").read_text().replace("0.0707", "0.1414"))
+    assert run(repo, "--all", "--quick") == 0  # now compared as found
+    out = capsys.readouterr().out
+    assert "existing long" in out and "ok       long" in out
+
+
+def test_quick_reports_a_stale_cheap_figure(repo, capsys):
+    page = repo / "docs" / "page.md"
+    page.write_text(page.read_text().replace("command: python make.py 1.0 ;\n", "command: python make.py 1.0 ; minutes: 1 ;\n")
+                    .replace("| bt | 0.0707 | 0.97 |", "| bt | 0.0700 | 0.97 |"))
+    assert run(repo, "--all", "--quick") == 1
+    assert "page 0.0700, regenerated 0.0707" in capsys.readouterr().out
+
+
+def test_minutes_must_be_a_number(repo, capsys):
+    (repo / "docs" / "bad.md").write_text("<!-- figure: x ; command: c ; source: a.md ; minutes: long -->\n<!-- /figure -->")
+    assert run(repo, "--list") == 2
+    assert "minutes 'long'; expected a number" in capsys.readouterr().err

@@ -302,6 +302,7 @@ def _diagnostic_table(S: dict) -> list[str]:
             L.append(f"| {name} | {k} | {_fmt2(pg.get('reference'))} | {_fmt2(pg.get('fitted'))} | "
                      f"{_fmt2(pg.get('target'))} | {c['measured_gradient']:.2f} | {c['predicted_mse_fitted']:.2f} ± "
                      f"{c['predicted_mse_fitted_sd']:.2f} | {_fmt2(c['measured_variance'])} | {_fmt2(c['measured_mse'])} |")
+    L += _shares_table(S)
     L += ["", "With the cross-fitted g (what a user has), K = 8, at the DPO fit:", "",
           "| setting | pred. gradient | pred. parameter variance | measured variance (vrpo_crossfit) | "
           "measured MSE |", "|---|---|---|---|---|"]
@@ -310,6 +311,23 @@ def _diagnostic_table(S: dict) -> list[str]:
         if c:
             L.append(f"| {name} | {c['predicted_gradient_fitted']:.2f} | {c['predicted_mse_fitted']:.2f} ± "
                      f"{c['predicted_mse_fitted_sd']:.2f} | {_fmt2(c['measured_variance'])} | {_fmt2(c['measured_mse'])} |")
+    return L
+
+
+def _shares_table(S: dict) -> list[str]:
+    """Where the base gradient's variance is, as the diagnostic sees it at each point (oracle g)."""
+    where = (("reference", "θ=0"), ("fitted", "DPO fit"), ("target", "target"))
+    L = ["", "Shares of the base gradient's variance, label noise / pair variance, as the diagnostic estimates "
+         "them at each point (mean over the same datasets; 'between' prompts is the rest). The two are estimated "
+         "separately, so on one dataset they can add up to a little more than 100%. Only the pair share is "
+         "removable.", "",
+         "| setting | " + " | ".join(f"{label}: label noise / pair" for _, label in where) + " |",
+         "|---|" + "---|" * len(where)]
+    for name, s in S.items():
+        d = (s.get("gradient_variance") or {}).get("diagnostic")
+        if d and "diagnostic_check" in s:
+            L.append(f"| {name} | " + " | ".join(f"{_pct(d[w]['label_noise_share'])} / {_pct(d[w]['pair_share'])}"
+                                                 if w in d else "n/a" for w, _ in where) + " |")
     return L
 
 
