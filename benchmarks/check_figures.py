@@ -21,8 +21,9 @@ command's output the same numbers appear:
   have the same first cell (or, when none has, whose first cell starts with the same word),
   and every number of the row must be among theirs; numbers outside tables must be among
   the section's numbers.
-- ``minutes`` (optional): the command's measured CPU time in minutes, on the machine where
-  the page was written. ``--quick`` runs only the commands of at most QUICK_MINUTES; the
+- ``minutes`` (optional): the command's CPU time in minutes (measured, or estimated from its
+  parts; the page says which), on the machine where the page was written. Wall time on a
+  shared machine can be many times more. ``--quick`` runs only the commands of at most QUICK_MINUTES; the
   other figures are compared with their existing outputs when those exist, else listed as
   not checked.
 
@@ -58,7 +59,7 @@ NUMBER = re.compile(r"(?<![\w.])[-+−]?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)
 CODE = re.compile(r"`[^`\n]*`")
 MATCH_MODES = ("same", "subset")
 FIELDS = ("command", "source", "match", "minutes")
-QUICK_MINUTES = 15.0  # --quick reruns commands up to this many CPU minutes (the bandit testbed: ~4)
+QUICK_MINUTES = 5.0  # --quick reruns commands up to this many CPU minutes (the bandit testbed: ~3.5)
 
 
 class FigureError(ValueError):
@@ -254,10 +255,16 @@ def compare_subset(fig: Figure, source: str) -> list[Mismatch]:
             if hit is None:
                 where = f"row {key!r}" if key in rows else "the source"
                 out.append(Mismatch(fig.name, fig.where, f"{p.text} in {line.strip()!r} is not in {where} "
-                                                         f"(regenerated: {' '.join(r.text for r in pool) or 'nothing'})"))
+                                                         f"(regenerated: {_some(pool)})"))
             else:
                 pool.pop(hit)
     return out
+
+
+def _some(pool: list[Num], most: int = 24) -> str:
+    """The regenerated numbers a page number was looked for in, at most ``most`` of them."""
+    shown = " ".join(r.text for r in pool[:most]) or "nothing"
+    return shown + (f" ... ({len(pool) - most} more)" if len(pool) > most else "")
 
 
 COMPARE = {"same": compare_same, "subset": compare_subset}

@@ -164,7 +164,7 @@ EXPENSIVE = """
 
 
 def test_quick_reruns_only_cheap_commands(repo, capsys):
-    """--quick runs the commands of at most 15 CPU minutes; a 90-minute one is not run (run, it
+    """--quick runs the commands of at most 5 CPU minutes; a 90-minute one is not run (run, it
     would rewrite main's output with other numbers), is listed as not checked, and is compared
     once its output exists."""
     page = repo / "docs" / "page.md"
@@ -193,3 +193,15 @@ def test_minutes_must_be_a_number(repo, capsys):
     (repo / "docs" / "bad.md").write_text("<!-- figure: x ; command: c ; source: a.md ; minutes: long -->\n<!-- /figure -->")
     assert run(repo, "--list") == 2
     assert "minutes 'long'; expected a number" in capsys.readouterr().err
+
+
+def test_the_projects_own_pages_parse():
+    """README.md and docs/*.md: every figure block is well formed, uniquely named, names a
+    command of this repository that writes under runs/, and says how long that command takes."""
+    figures = cf.all_figures()
+    assert figures, "no figure blocks found"
+    for f in figures:
+        assert f.command.startswith(("vrpo ", "python benchmarks/")), f.where
+        assert f.source.startswith("runs/"), f.where
+        assert f.minutes is not None, f"{f.where}: figure {f.name} has no 'minutes:'"
+    assert any(f.quick for f in figures)  # --quick has something to rerun
