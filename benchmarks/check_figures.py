@@ -35,6 +35,12 @@ of the page matches a regenerated one when they agree to the page's printed prec
     python benchmarks/check_figures.py --check bandit-theory     # run its command, compare
     python benchmarks/check_figures.py --all [--from-existing]   # every figure; reuse outputs
     python benchmarks/check_figures.py --all --quick             # rerun the cheap commands only
+    python benchmarks/check_figures.py --all --quick --fresh     # ... from scratch, not resumed
+
+Most commands resume from what their output folder already holds, so a rerun over an old
+folder recomputes nothing. ``--fresh`` first moves each rerun command's output folders (the
+folders of its figures' sources) aside to ``FOLDER.before-check-N`` (nothing is deleted), so
+the command computes every figure again with today's code.
 
 ``--from-existing`` compares with the output files already on disk (no command is run).
 ``--update`` rewrites each checked ``same`` block with its regenerated section (to refresh a
@@ -284,6 +290,17 @@ def update(figures: list[Figure], root: Path = ROOT) -> None:
         path.write_text(text, encoding="utf-8")
 
 
+def move_aside(figures: list[Figure], root: Path = ROOT) -> None:
+    """Rename the output folders of these figures' sources to FOLDER.before-check-N (never delete)."""
+    for folder in dict.fromkeys((root / f.source.partition("#")[0]).parent for f in figures):
+        if folder.is_dir() and folder != root:
+            n = 1
+            while folder.with_name(f"{folder.name}.before-check-{n}").exists():
+                n += 1
+            folder.rename(folder.with_name(f"{folder.name}.before-check-{n}"))
+            print(f"moved {folder.relative_to(root)} aside to {folder.name}.before-check-{n}", flush=True)
+
+
 def run_command(command: str, root: Path = ROOT) -> None:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -303,6 +320,8 @@ def main(argv=None, root: Path = ROOT, pages=PAGES) -> int:
     what.add_argument("--all", action="store_true", help="check every figure")
     ap.add_argument("--from-existing", action="store_true", help="compare with the output files on disk; run nothing")
     ap.add_argument("--update", action="store_true", help="rewrite the checked 'same' blocks with the regenerated sections")
+    ap.add_argument("--fresh", action="store_true", help="move each rerun command's output folders aside first "
+                    "(kept as FOLDER.before-check-N), so it computes everything again instead of resuming")
     ap.add_argument("--quick", action="store_true", help=f"rerun only commands of at most {QUICK_MINUTES:g} CPU minutes "
                     "(their 'minutes:' field); compare the others with existing outputs, or list them as not checked")
     args = ap.parse_args(argv)
@@ -313,9 +332,13 @@ def main(argv=None, root: Path = ROOT, pages=PAGES) -> int:
                 print(f"{f.name}\t{f.where}\t{f.match}\t{_minutes(f)}\n    command: {f.command}\n    source:  {f.source}")
             return 0
         chosen = figures if args.all else _select(figures, args.check)
+        if args.fresh and args.from_existing:
+            raise FigureError("--fresh reruns commands from scratch; --from-existing runs none: choose one")
         if not args.from_existing:
             rerun = [f for f in chosen if f.quick or not args.quick]
             for command in dict.fromkeys(f.command for f in rerun):  # each command once, in page order
+                if args.fresh:
+                    move_aside([f for f in rerun if f.command == command], root)
                 run_command(command, root)
         if args.quick:
             chosen = _quick_choice(chosen, args.from_existing, root)

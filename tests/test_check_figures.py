@@ -205,3 +205,19 @@ def test_the_projects_own_pages_parse():
         assert f.source.startswith("runs/"), f.where
         assert f.minutes is not None, f"{f.where}: figure {f.name} has no 'minutes:'"
     assert any(f.quick for f in figures)  # --quick has something to rerun
+
+
+def test_fresh_moves_the_old_output_aside_and_recomputes(repo, capsys):
+    """A resuming command would keep a stale output; --fresh renames the folder (nothing is
+    deleted) so the command writes it again."""
+    maker = repo / "make.py"  # this maker resumes: it keeps an existing results.md
+    maker.write_text(MAKER.replace('out = pathlib.Path("out"); out.mkdir(exist_ok=True)',
+                                   'out = pathlib.Path("out"); out.mkdir(exist_ok=True)\n'
+                                   'if (out / "results.md").exists(): raise SystemExit(0)'))
+    subprocess.run([sys.executable, "make.py", "1.1"], cwd=repo, check=True)  # stale: other numbers
+    assert run(repo, "--check", "main") == 1  # resumed over the stale folder
+    capsys.readouterr()
+    assert run(repo, "--check", "main", "--fresh") == 0
+    assert "moved out aside to out.before-check-1" in capsys.readouterr().out
+    assert "0.0778" in (repo / "out.before-check-1" / "results.md").read_text()  # kept, not deleted
+    assert run(repo, "--check", "main", "--fresh", "--from-existing") == 2
