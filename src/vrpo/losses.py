@@ -5,7 +5,7 @@ Nothing here knows about configs, devices, files or models: every function takes
 example; any extra *leading* batch dimensions broadcast through unchanged (the testbed uses
 ``[R, B]`` to fit many replicates at once).
 
-Notation (METHOD.md): for a pair (a, b) the margin is ``z = r(x, a) - r(x, b)``; ``f`` is a
+Notation (docs/method.md): for a pair (a, b) the margin is ``z = r(x, a) - r(x, b)``; ``f`` is a
 base loss for "a preferred over b"; the soft-label loss for ``p = P(a > b)`` is
 
     l(z, p) = p * f(z) + (1 - p) * f(-z)          (so l(-z, 1 - p) = l(z, p))
@@ -268,7 +268,7 @@ def vrpo_loss(
     ref_pair_weights: Tensor | None = None,
     validate: bool = True,
 ) -> Tensor:
-    """Per-example VRPO loss (METHOD.md):
+    """Per-example VRPO loss (docs/method.md, "The estimator"):
 
         L = l(z+-, 1) - c * l(z+-, g+-) + c * mean over valid pairs j<k of l(z~_jk, g~_jk)
 

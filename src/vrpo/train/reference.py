@@ -1,6 +1,6 @@
 """Reference log-probs log pi_ref(y|x) of every training sequence, computed once and cached.
 
-They are constants of the objective (METHOD.md), so training never holds a reference model:
+They are constants of the objective (docs/method.md), so training never holds a reference model:
 this pass runs the reference model once over chosen and rejected responses (and over
 reference samples whose log-probs did not come with them), stores the values in a cache
 file keyed by a fingerprint of (reference model, token ids), and frees the model.

@@ -2,7 +2,7 @@
 Bradley-Terry loss or with the VRPO loss.
 
 A reward model is ``AutoModelForSequenceClassification(num_labels=1)``; its output on
-prompt + response is r(x, y). With margins z = r(x, a) - r(x, b) (METHOD.md):
+prompt + response is r(x, y). With margins z = r(x, a) - r(x, b) (docs/method.md):
 
     bt:    L = f(z+-)                                              (vrpo.losses.preference_loss)
     vrpo:  L = f(z+-) - l(z+-, g+-) + mean_{j<k} l(z~_jk, g~_jk)    (vrpo.losses.vrpo_loss)
