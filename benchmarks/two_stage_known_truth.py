@@ -164,8 +164,7 @@ def run_draw(args, draw: int, out: Path, rows: list, seeds: tuple, rl_seeds: tup
                                     prompts=str(setup.out / "data" / "prompts.jsonl"), out=str(folder),
                                     max_steps=args.rl_steps, num_generations=4, batch_size=16,
                                     max_completion_length=setup.preset.max_new_tokens, learning_rate=3e-4, beta=0.05,
-                                    seed=s, save_steps=10_000, logging_steps=10, engine_args={"disable_tqdm": True}),
-                           resume=True)
+                                    seed=s, save_steps=10_000, logging_steps=10, engine_args={"disable_tqdm": True}))
                 policies[r][s] = {**judge(d, s), "seconds": time.perf_counter() - t}
                 atomic_write_json(done, policies[r][s])
                 print(f"draw {draw} policy {r} seed {s}: {policies[r][s]}", file=sys.stderr, flush=True)
