@@ -64,3 +64,29 @@ def test_bad_flags_are_one_line_errors(tmp_path, argv, needle):
     assert done.returncode != 0
     err = done.stderr.strip()
     assert len(err.splitlines()) == 1 and needle in err
+
+
+def test_the_benchmarks_calls_match_the_library():
+    """The benchmark is too slow for the suite, so check what broke it once: every keyword it
+    passes to the library's functions and configs is a parameter they have (a `resume=` that
+    run_rl no longer takes failed only after an hour of reward models)."""
+    import ast
+    import inspect
+
+    from vrpo.evaluate import generate
+    from vrpo.experiments.imdb.pipeline import Setup, draw_samples
+    from vrpo.experiments.imdb.two_stage import eval_candidates
+    from vrpo.policy_stage import RLConfig, run_rl
+    from vrpo.train.reward_two_stage import EvalPairs, TwoStageSpec, run_two_stage
+
+    library = {f.__name__: f for f in (generate, Setup, draw_samples, eval_candidates, RLConfig, run_rl,
+                                        EvalPairs, TwoStageSpec, run_two_stage)}
+    tree = ast.parse((ROOT / "benchmarks" / "two_stage_known_truth.py").read_text())
+    checked = 0
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)):
+        if call.func.id in library:
+            params = inspect.signature(library[call.func.id]).parameters
+            for kw in call.keywords:
+                assert kw.arg in params, f"{call.func.id}({kw.arg}=...) at line {call.lineno}"
+            checked += 1
+    assert checked >= 8
