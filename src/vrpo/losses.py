@@ -268,7 +268,7 @@ def vrpo_loss(
     ref_pair_weights: Tensor | None = None,
     validate: bool = True,
 ) -> Tensor:
-    """Per-example VRPO loss (docs/method.md, "The estimator"):
+    """Per-example VRPO loss (docs/method.md):
 
         L = l(z+-, 1) - c * l(z+-, g+-) + c * mean over valid pairs j<k of l(z~_jk, g~_jk)
 
