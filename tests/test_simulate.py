@@ -158,7 +158,7 @@ def test_crossfit_equals_refitting_without_each_fold():
 
     w = small_world("cyclic")
     data = simulate(w, replicates=1, n=40, max_k=2, seed=7)
-    oof, ref_g = aux_models.crossfit_aux(w, data, folds=4, seed=0)
+    oof, ref_g = aux_models.crossfit_aux(w, data, folds=4, seed=0, ridge=1e-2)
     fold = torch.as_tensor(fold_ids(40, 4, random_state=0))
     sums = torch.zeros(3, 4, 4, dtype=torch.float64)
     counts = torch.zeros(3, 4, 4, dtype=torch.float64)
@@ -225,6 +225,9 @@ def test_reproduce_bandit_writes_results_and_resumes(tmp_path, capsys):
         assert set(s["limit"]["fraction_of_limit"]) == {"2", "4", "8", "16"}
     md = (out / "results.md").read_text()
     assert "| bt |" in md and "limit" in md
+    d = res["settings"]["bt"]["gradient_variance"]["diagnostic"]  # the shares table prints each point's shares
+    assert "| bt | " + " | ".join(f"{100 * d[w]['label_noise_share']:.0f}% / {100 * d[w]['pair_share']:.0f}%"
+                                  for w in ("reference", "fitted", "target")) + " |" in md
     for png in ("mse_vs_k.png", "regret_vs_k.png", "mse_vs_n.png", "regret_vs_n.png"):
         assert (out / png).stat().st_size > 1000
     # a rerun with the same arguments loads every finished part: identical numbers

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vrpo.simulate.estimators import NEWTON_TOL, SMOOTHING_PATH
 from vrpo.simulate.world import PREFERENCE_KINDS
 
 LEGEND = {
@@ -84,7 +85,31 @@ def _setting_block(name: str, res: dict) -> dict:
     return block
 
 
-def build_results(cfg: dict, main: dict, one_stage: dict, grad_var: dict, sweep: dict, oracle_k: int) -> dict:
+def diagnostic_check(gv: dict, methods: dict) -> dict:
+    """Per K: the diagnostic's predictions from one dataset (gradient space at theta = 0, the
+    DPO fit and the target; parameter space at the DPO fit) beside the measured ratios
+    (gradient variance across datasets at the target; the estimators' MSE ratio)."""
+    out = {}
+    diag = gv["diagnostic"]
+    for k, oracle in LIMIT_KS.items():
+        m = methods.get(oracle, {})
+        out[k] = {"predicted_gradient": {p: d["predicted_ratio"][k] for p, d in diag.items()},
+                  "measured_gradient": gv["measured_ratio"][k],
+                  "predicted_mse_fitted": diag["fitted"]["predicted_mse_ratio"][k],
+                  "predicted_mse_fitted_sd": diag["fitted"]["predicted_mse_ratio_sd"][k],
+                  "measured_variance": m.get("variance_ratio"), "measured_mse": m.get("mse_ratio")}
+    cf = gv["diagnostic_crossfit"]["fitted"]
+    if "vrpo_crossfit" in methods:
+        c = methods["vrpo_crossfit"]
+        out["crossfit_8"] = {"predicted_gradient_fitted": cf["predicted_ratio"]["8"],
+                             "predicted_mse_fitted": cf["predicted_mse_ratio"]["8"],
+                             "predicted_mse_fitted_sd": cf["predicted_mse_ratio_sd"]["8"],
+                             "measured_variance": c.get("variance_ratio"), "measured_mse": c.get("mse_ratio")}
+    return out
+
+
+def build_results(cfg: dict, main: dict, one_stage: dict, grad_var: dict, sweep: dict, oracle_k: int,
+                  aux_curve: dict | None = None) -> dict:
     from vrpo.simulate.world import make_world
 
     def settings_of(res_by_setting):
@@ -96,6 +121,7 @@ def build_results(cfg: dict, main: dict, one_stage: dict, grad_var: dict, sweep:
             block["reference_policy"] = world.reference_policy
             if name in grad_var:
                 block["gradient_variance"] = grad_var[name]
+                block["diagnostic_check"] = diagnostic_check(grad_var[name], block["methods"])
             out[name] = block
         return out
 
@@ -108,6 +134,8 @@ def build_results(cfg: dict, main: dict, one_stage: dict, grad_var: dict, sweep:
         "settings": settings_of(main),
         "methods_legend": {m: LEGEND.get(m, m) for m in next(iter(main.values())) if not m.startswith("_")},
     }
+    if aux_curve:
+        results["aux_learning_curve"] = aux_curve
     if one_stage:
         results["one_stage"] = {"primary_model": "tabular_dpo", "ridge": cfg["ridge"]["tabular_dpo"],
                                 "settings": settings_of(one_stage)}
@@ -142,6 +170,19 @@ def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.0f}%"
 
 
+def _target_regret(s: dict, base: str) -> str:
+    t = (s.get("target") or {}).get(base)
+    return "n/a" if t is None else f"{t['regret']:.4f}"
+
+
+def _excess(m: dict) -> str:
+    """Excess regret with its bootstrap 95% CI over replicates."""
+    if "excess_regret" not in m:
+        return "n/a"
+    lo, hi = m["excess_regret_ci"]
+    return f"{m['excess_regret']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
 def write_markdown(results: dict) -> str:
     S = results["settings"]
     L = [f"# Bandit testbed: {results['replicates']} replicates, n = {results['n']} labelled pairs, seed {results['seed']}",
@@ -151,8 +192,11 @@ def write_markdown(results: dict) -> str:
          "ratio excludes 1, ≈ otherwise. Suboptimality = greedy regret in true win rate against pi_ref "
          "(docs/testbed.md).", ""]
     L += ["## Theory table (paper layout): base → VRPO (ratio)", "",
-          "| setting | misspecified | pi_ref | variance | MSE | MSE 95% CI (base; VRPO) | suboptimality |",
-          "|---|---|---|---|---|---|---|"]
+          "Regret is the greedy policy's suboptimality; the target's own regret is that of the population "
+          "target itself (a misspecified model's best fit is not the best policy), and excess = regret - target's. "
+          "'≠ target' is the share of prompts whose greedy response differs from the target's.", "",
+          "| setting | misspecified | pi_ref | variance | MSE | MSE 95% CI (base; VRPO) | target's regret | "
+          "excess regret | ≠ target |", "|---|---|---|---|---|---|---|---|---|"]
     for name, s in S.items():
         b, v = s["methods"]["base"], s["methods"].get("vrpo_oracle")
         if v is None:
@@ -162,7 +206,9 @@ def write_markdown(results: dict) -> str:
                  f"{b['variance']:.4f} → {v['variance']:.4f} ({v['variance_ratio']:.2f}) | "
                  f"{b['mse']:.4f} → {v['mse']:.4f} ({v['mse_ratio']:.2f}) {arrow} | "
                  f"[{b['mse_ci'][0]:.4f}, {b['mse_ci'][1]:.4f}]; [{v['mse_ci'][0]:.4f}, {v['mse_ci'][1]:.4f}] | "
-                 f"{b['regret']:.4f} → {v['regret']:.4f} |")
+                 f"{_target_regret(s, 'sigmoid')} | {_excess(b)} → {_excess(v)} | "
+                 f"{_pct(b.get('disagreement'))} → {_pct(v.get('disagreement'))} |")
+    L += _targets_table(S)
     L += ["", "## How much of the limit do K reference samples reach? (oracle g, sigmoid)", "",
           "MSE ratio to base for K = 2, 4, 8, 16 and the exact expectation (the limit); then the fraction of the "
           "limit's MSE reduction that each K reaches ((base - K) / (base - limit); — when the limit removes < 3%). "
@@ -180,16 +226,18 @@ def write_markdown(results: dict) -> str:
                  + " | ".join(_pct(fr.get(k)) for k in ("2", "4", "8", "16")) + " |")
     L += ["", "## Which part helps? Loss, control variate, number of reference pairs", "",
           "MSE ratio is against the base with the SAME loss (ramp rows against ramp-DPO: the two losses have "
-          "different population targets); regret compares all rows directly.", "",
-          "| setting | DPO (sigmoid) regret | ramp-DPO regret | VRPO sigmoid K=2 | VRPO sigmoid K=8 | "
-          "VRPO ramp K=2 | VRPO ramp K=8 | VRPO ramp limit |", "|---|---|---|---|---|---|---|---|"]
+          "different population targets, each a converged minimiser); regret compares all rows directly, and "
+          "the targets' own regrets are in the second and third columns.", "",
+          "| setting | DPO (sigmoid) regret [target's] | ramp-DPO regret [target's] | VRPO sigmoid K=2 | "
+          "VRPO sigmoid K=8 | VRPO ramp K=2 | VRPO ramp K=8 | VRPO ramp limit |", "|---|---|---|---|---|---|---|---|"]
     for name, s in S.items():
         m = s["methods"]
         if "ramp_dpo" not in m:
             continue
         cell = lambda k: (f"MSE {m[k]['mse_ratio']:.2f} {_arrow(m[k]['mse_ratio'], m[k].get('mse_ratio_ci'))}; "  # noqa: E731
                           f"regret {m[k]['regret']:.4f}") if k in m else "n/a"
-        L.append(f"| {name} | {m['base']['regret']:.4f} | {m['ramp_dpo']['regret']:.4f} | {cell('vrpo_oracle_k2')} | "
+        L.append(f"| {name} | {m['base']['regret']:.4f} [{_target_regret(s, 'sigmoid')}] | "
+                 f"{m['ramp_dpo']['regret']:.4f} [{_target_regret(s, 'ramp')}] | {cell('vrpo_oracle_k2')} | "
                  f"{cell('vrpo_oracle')} | {cell('vrpo_ramp_oracle_k2')} | {cell('vrpo_ramp_oracle')} | "
                  f"{cell('vrpo_ramp_oracle_exact')} |")
     L += ["", "## Auxiliary model and other estimators (sigmoid, K = 8; MSE ratio to base, bias², failed fits)", "",
@@ -209,21 +257,10 @@ def write_markdown(results: dict) -> str:
         L.append(f"| {name} | {c('vrpo_fitted')} | {c('vrpo_crossfit')} | {_pct(fo.get('vrpo_fitted'))}; "
                  f"{_pct(fo.get('vrpo_crossfit'))} | {c('vrpo_wrong_aux')} | {coef('vrpo_oracle_optc')} | "
                  f"{coef('vrpo_oracle_k2_optc')} | {reg('cdpo')} | {reg('rdpo')} |")
-    if any("gradient_variance" in s for s in S.values()):
-        L += ["", "## Gradient variance at the population target (oracle g, sigmoid): VRPO / base", "",
-              "Measured across the replicates vs predicted by `vrpo.diagnostics.variance_decomposition` from ONE "
-              "dataset (the diagnostic a user runs); shares of the base gradient's variance. Label noise and pair "
-              "variance are estimated separately and 'between' is the remainder (0 when the two already exceed the "
-              "total), so on one dataset the three can add up to a little more than 100%.", "",
-              "| setting | label noise | pair | between | K=2 meas / pred | K=4 | K=8 | K=16 | limit pred |",
-              "|---|---|---|---|---|---|---|---|---|"]
-        for name, s in S.items():
-            g = s.get("gradient_variance")
-            if not g:
-                continue
-            kk = lambda k: f"{g['measured_ratio'][k]:.2f} / {g['predicted_ratio'][k]:.2f}"  # noqa: E731
-            L.append(f"| {name} | {_pct(g['label_noise_share'])} | {_pct(g['pair_share'])} | {_pct(g['between_share'])} | "
-                     f"{kk('2')} | {kk('4')} | {kk('8')} | {kk('16')} | {g['predicted_ratio']['limit']:.2f} |")
+    if results.get("aux_learning_curve"):
+        L += _aux_curve_table(results["aux_learning_curve"])
+    if any("diagnostic_check" in s for s in S.values()):
+        L += _diagnostic_table(S)
     if "one_stage" in results:
         L += ["", "## One-stage: tabular softmax policy trained with DPO (beta = 1); MSE ratio to DPO, regret", "",
               "| setting | DPO MSE | VRPO K=2 | VRPO K=8 | VRPO limit | VRPO cross-fitted g K=8 | DPO regret | VRPO K=8 regret |",
@@ -239,6 +276,95 @@ def write_markdown(results: dict) -> str:
     L += ["", f"Failed fits (not converged, non-finite or diverged), of {results['replicates']} per method: "
           + (failures or "none"), ""]
     return "\n".join(L)
+
+
+def _diagnostic_table(S: dict) -> list[str]:
+    datasets = next((s["gradient_variance"]["diagnostic"]["fitted"]["datasets"] for s in S.values()
+                     if "diagnostic_check" in s), 0)
+    L = ["", "## Does the variance diagnostic predict what VRPO does? (oracle g, sigmoid)", "",
+         "`vrpo.diagnostics.variance_decomposition` on ONE dataset, fed the per-example gradients of the actual "
+         "loss at theta = 0 (every margin 0: the start of training), at the DPO fit of that dataset, and at the "
+         f"population target; each prediction is the mean of the one-dataset predictions on {datasets} datasets "
+         "(± their sd: how far one dataset's prediction strays). Gradient space: predicted Var(VRPO score) / "
+         "Var(base score), beside the variance ratio of the mean gradient at the target measured across the "
+         "datasets. Parameter space: the scores mapped through the inverse Hessians of the base and VRPO "
+         "objectives at the DPO fit (the first-order variance of the fitted parameter), beside the estimators' "
+         "measured variance and MSE ratios.", "",
+         "| setting | K | pred. θ=0 | pred. DPO fit | pred. target | measured (gradient) | pred. parameter variance, "
+         "DPO fit | measured variance | measured MSE |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in S.items():
+        dc = s.get("diagnostic_check")
+        if not dc:
+            continue
+        for k in ("2", "4", "8", "16"):
+            c = dc[k]
+            pg = c["predicted_gradient"]
+            L.append(f"| {name} | {k} | {_fmt2(pg.get('reference'))} | {_fmt2(pg.get('fitted'))} | "
+                     f"{_fmt2(pg.get('target'))} | {c['measured_gradient']:.2f} | {c['predicted_mse_fitted']:.2f} ± "
+                     f"{c['predicted_mse_fitted_sd']:.2f} | {_fmt2(c['measured_variance'])} | {_fmt2(c['measured_mse'])} |")
+    L += _shares_table(S)
+    L += ["", "With the cross-fitted g (what a user has), K = 8, at the DPO fit:", "",
+          "| setting | pred. gradient | pred. parameter variance | measured variance (vrpo_crossfit) | "
+          "measured MSE |", "|---|---|---|---|---|"]
+    for name, s in S.items():
+        c = (s.get("diagnostic_check") or {}).get("crossfit_8")
+        if c:
+            L.append(f"| {name} | {c['predicted_gradient_fitted']:.2f} | {c['predicted_mse_fitted']:.2f} ± "
+                     f"{c['predicted_mse_fitted_sd']:.2f} | {_fmt2(c['measured_variance'])} | {_fmt2(c['measured_mse'])} |")
+    return L
+
+
+def _shares_table(S: dict) -> list[str]:
+    """Where the base gradient's variance is, as the diagnostic sees it at each point (oracle g)."""
+    where = (("reference", "θ=0"), ("fitted", "DPO fit"), ("target", "target"))
+    L = ["", "Shares of the base gradient's variance, label noise / pair variance, as the diagnostic estimates "
+         "them at each point (mean over the same datasets; 'between' prompts is the rest). The two are estimated "
+         "separately, so on one dataset they can add up to a little more than 100%. Only the pair share is "
+         "removable.", "",
+         "| setting | " + " | ".join(f"{label}: label noise / pair" for _, label in where) + " |",
+         "|---|" + "---|" * len(where)]
+    for name, s in S.items():
+        d = (s.get("gradient_variance") or {}).get("diagnostic")
+        if d and "diagnostic_check" in s:
+            L.append(f"| {name} | " + " | ".join(f"{_pct(d[w]['label_noise_share'])} / {_pct(d[w]['pair_share'])}"
+                                                 if w in d else "n/a" for w, _ in where) + " |")
+    return L
+
+
+def _aux_curve_table(curves: dict) -> list[str]:
+    L = ["", "## What it takes for a fitted g: labels of its own (sigmoid, K = 8)", "",
+         "The flexible g trained on m labels of its own (a separate preference set from the same world), beside "
+         "the cross-fitted g on the n labels VRPO trains on; MSE ratio to DPO, the fraction of the oracle's MSE cut, "
+         "and the rms of g - p* over reference pairs.", "",
+         "| setting | oracle | cross-fitted g (n labels) | " + " | ".join(
+             f"g on {v['labels']} labels" for v in next(iter(curves.values()))["own_labels"].values()) + " |",
+         "|---|---|---|" + "---|" * len(next(iter(curves.values()))["own_labels"])]
+    for name, c in curves.items():
+        cf = c["crossfit"]
+        L.append(f"| {name} | {c['oracle_mse_ratio']:.2f} | {cf['mse_ratio']:.2f} ({_pct(cf['fraction_of_oracle'])}) | "
+                 + " | ".join(f"{v['mse_ratio']:.2f} ({_pct(v['fraction_of_oracle'])}; rms {v['g_rms_error']:.3f})"
+                              for v in c["own_labels"].values()) + " |")
+    return L
+
+
+def _targets_table(S: dict) -> list[str]:
+    """The population targets of each base loss: exact sums, minimised to convergence."""
+    L = ["", "## Population targets (exact sums over the world, minimised to convergence)", "",
+         f"Converged: sigmoid by Newton to a decrement < {NEWTON_TOL:g}; ramp by Newton along the smoothing path "
+         f"tau = {', '.join(f'{t:g}' for t in SMOOTHING_PATH)} (each relu smoothed to tau softplus(u / tau)), the "
+         f"last stage to a decrement < {NEWTON_TOL:g}. Objective = mean loss + ridge.", "",
+         "| setting | sigmoid target theta | objective | regret | ramp target theta | objective | regret |",
+         "|---|---|---|---|---|---|---|"]
+    for name, s in S.items():
+        t = s.get("target") or {}
+        cell = lambda b: (f"({', '.join(f'{x:.3f}' for x in t[b]['theta'])}) | {t[b].get('objective', float('nan')):.4f} | "  # noqa: E731
+                          f"{t[b]['regret']:.4f}") if b in t else "n/a | n/a | n/a"
+        L.append(f"| {name} | {cell('sigmoid')} | {cell('ramp')} |")
+    return L
+
+
+def _fmt2(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 # ------------------------------------------------------------------------------- plots

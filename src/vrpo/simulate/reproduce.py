@@ -14,7 +14,8 @@ import os
 import time
 from pathlib import Path
 
-SETTINGS = ["bt", "bt_flip", "mixture", "nonlinear", "cyclic", "mixture_wrong_ref"]
+SETTINGS = ["bt", "bt_flip", "mixture", "nonlinear", "cyclic", "mixture_wrong_ref", "bt_wrong_ref"]
+AUX_CURVE_SETTINGS = ["nonlinear"]  # the learning curve of the fitted g (where g has something to learn)
 MAIN_METHODS = [
     "base", "cdpo", "rdpo",
     "vrpo_oracle_k2", "vrpo_oracle_k4", "vrpo_oracle", "vrpo_oracle_k16", "vrpo_oracle_exact",
@@ -65,6 +66,8 @@ def resolve(args: argparse.Namespace) -> dict:
         "replicates": replicates, "n": args.n, "seed": args.seed, "settings": settings,
         "quick": bool(args.quick), "ridge": {"linear_bt": args.ridge, "tabular_dpo": 1e-2}, "max_k": 16,
         "one_stage": not (args.quick or args.no_one_stage),
+        "aux_curve": [] if args.quick else [s for s in AUX_CURVE_SETTINGS if s in settings],
+        "diagnostic_datasets": 5 if args.quick else 20,  # datasets the one-dataset diagnostic is repeated on
         "sweep": None if args.no_sweep else {
             "settings": [s for s in (["nonlinear"] if args.quick else SWEEP_SETTINGS) if s in settings],
             "n": sorted({max(8, int(round(args.n * f))) for f in ([0.5, 2.0] if args.quick else SWEEP_FACTORS)}),
@@ -87,7 +90,7 @@ def _jsonable(obj):
     return obj
 
 
-PART_VERSION = 1  # bump when a change of the code changes the numbers of a part
+PART_VERSION = 2  # bump when a change of the code changes the numbers of a part
 
 
 def _part(parts: Path, key: str, part_cfg: dict, compute):
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from vrpo.simulate.experiment import run_setting, ORACLE_K
+    from vrpo.simulate.experiment import run_setting, aux_learning_curve, ORACLE_K
     from vrpo.simulate.gradvar import gradient_variance
     from vrpo.simulate.report import write_plots, write_markdown, build_results
     from vrpo.simulate.world import make_world
@@ -126,9 +129,10 @@ def run(args: argparse.Namespace) -> int:
     total = len(cfg["settings"]) * (len(MAIN_METHODS) + (len(ONE_STAGE_METHODS) if cfg["one_stage"] else 0) + 1)
     if sweep:
         total += len(sweep["settings"]) * len(sweep["n"]) * len(SWEEP_METHODS)
+    total += len(cfg["aux_curve"])
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc="bandit fits", unit="fit", disable=args.no_progress)
-    main, one_stage, grad_var, sweep_res = {}, {}, {}, {}
+    main, one_stage, grad_var, sweep_res, aux_curve = {}, {}, {}, {}, {}
     for name in cfg["settings"]:
         world = make_world(name, seed=seed)
         s_seed = seed * 1000 + SETTINGS.index(name)  # the same datasets for every method of a setting
@@ -136,8 +140,9 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(name)
         main[name] = _part(parts, f"main_{name}", {**key, "ridge": ridge, "methods": MAIN_METHODS}, lambda: run_setting(
             world, R, n, MAIN_METHODS, ridge=ridge, seed=s_seed, progress=bar))
-        grad_var[name] = _part(parts, f"gradvar_{name}", {**key, "ridge": ridge}, lambda: gradient_variance(
-            world, R, n, seed=s_seed, ridge=ridge))
+        grad_var[name] = _part(parts, f"gradvar_{name}", {**key, "ridge": ridge, "spread": cfg["diagnostic_datasets"]},
+                               lambda: gradient_variance(world, R, n, seed=s_seed, ridge=ridge,
+                                                         spread=cfg["diagnostic_datasets"]))
         bar.update(1)
         if cfg["one_stage"]:
             one_stage[name] = _part(parts, f"onestage_{name}", {**key, "ridge": ridge_one, "methods": ONE_STAGE_METHODS},
@@ -153,8 +158,15 @@ def run(args: argparse.Namespace) -> int:
                        "ridge": ridge, "methods": SWEEP_METHODS}
                 sweep_res.setdefault(name, {})[str(m)] = _part(parts, f"sweep_{name}_{m}", key, lambda: run_setting(
                     world, sweep["replicates"], m, SWEEP_METHODS, ridge=ridge, seed=s_seed + 7919 * m, progress=bar))
+    for name in cfg["aux_curve"]:
+        s_seed = seed * 1000 + SETTINGS.index(name)
+        bar.set_postfix_str(f"{name} aux labels")
+        aux_curve[name] = _part(parts, f"auxcurve_{name}", {"setting": name, "replicates": R, "n": n, "seed": s_seed,
+                                                            "ridge": ridge}, lambda: aux_learning_curve(
+            make_world(name, seed=seed), R, n, seed=s_seed, ridge=ridge))
+        bar.update(1)
     bar.close()
-    results = build_results(cfg, main, one_stage, grad_var, sweep_res, ORACLE_K)
+    results = build_results(cfg, main, one_stage, grad_var, sweep_res, ORACLE_K, aux_curve)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     _atomic_write(out / "results.json", json.dumps(results, indent=1))
     _atomic_write(out / "config.json", json.dumps({**cfg, "versions": _versions(), "command": _command(args)}, indent=1))

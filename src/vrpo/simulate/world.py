@@ -3,7 +3,8 @@ context with features phi(x, a), a reference policy pi_ref, and a true preferenc
 p*(x, a, b). Everything the estimators target is a finite sum over this world, so the
 population target and the regret are computed exactly, never by simulation.
 
-The features tell the seed's story (a healthcare scheduling assistant): each response has
+The features are named after the scheduling scenario (a clinic's scheduling assistant,
+docs/scheduling.md): each response has
 ``brevity``, ``booking`` (books an appointment), ``escalation`` (cautious, sends the user
 to urgent care) and ``politeness``. The preference kinds in ``PREFERENCE_KINDS`` are the
 settings of the testbed (docs/testbed.md).
@@ -99,6 +100,7 @@ PREFERENCE_KINDS: dict[str, tuple[Callable, bool]] = {
     "nonlinear": (pref_nonlinear, True),
     "cyclic": (pref_cyclic, True),
     "mixture_wrong_ref": (pref_mixture, False),
+    "bt_wrong_ref": (pref_bt, False),  # double robustness: BT correct, pi_ref not the labelled pairs' policy
 }
 
 
