@@ -44,6 +44,7 @@ def train_config(world, preset, method: str, data_file: Path, folder: Path, seed
 
 def train_once(world, preset, method: str, data_file: Path, folder: Path, seed: int) -> Path:
     """Train (once: ``trained.json`` marks a finished run) and return the model folder."""
+    from vrpo.experiments import run_log
     from vrpo.provenance import atomic_write_json
     from vrpo.train import train
 
@@ -51,7 +52,8 @@ def train_once(world, preset, method: str, data_file: Path, folder: Path, seed: 
     if not done.exists():
         t0 = time.perf_counter()
         cfg = train_config(world, preset, method, data_file, folder, seed)
-        train(cfg)
+        with run_log(folder / "train.log"):  # the Trainer's dictionaries and bars go to the run's log, not the terminal
+            train(cfg)
         atomic_write_json(done, {"seconds": time.perf_counter() - t0, "data": str(data_file)})
     return folder / "model"
 
