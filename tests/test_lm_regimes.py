@@ -147,7 +147,8 @@ def test_micro_lm_regimes_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert (out / "predicted_vs_measured.png").stat().st_size > 0
     logs = list(out.rglob("train.log"))  # each training run's Trainer output went to its log, not the terminal
     assert logs and all("'loss'" in p.read_text() or "train_loss" in p.read_text() for p in logs)
-    assert "train_loss" not in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "train_loss" not in printed.out and "sampling K=" not in printed.err  # --no-progress: no bars
     stamp = {p: p.stat().st_mtime for p in out.rglob("result.json")}
     assert main(argv) == 0  # resumed: no run is trained again
     assert all(p.stat().st_mtime == m for p, m in stamp.items())

@@ -263,11 +263,12 @@ def sample_references(model_path: str, prompts_path: str, out: str, *, num_sampl
                       batch_size: int = 8, seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                       max_prompt_length: int = 256, prompt_truncation: str = "error", shard_size: int = 64,
                       max_prompts: int | None = None, trust_remote_code: bool = False,
-                      overwrite: bool = False, engine=None) -> Path:
+                      overwrite: bool = False, engine=None, progress: bool = True) -> Path:
     """Draw ``num_samples`` reference samples per prompt into ``out`` (resumed when ``out`` was
     made from the same inputs, refused when from others unless ``overwrite``); return the table's path.
     ``engine``: None draws with ``model.generate``; a ``vrpo.sampling_server.ServerEngine`` draws
-    from a server (the local model still scores every sample)."""
+    from a server (the local model still scores every sample). ``progress``: show the bar (it
+    changes nothing drawn, so it is not part of the folder's reuse record)."""
     import contextlib
 
     import torch
@@ -295,7 +296,8 @@ def sample_references(model_path: str, prompts_path: str, out: str, *, num_sampl
         claim_output(out_dir, "sample", inputs, overwrite=overwrite, main_process=state.is_main_process)
         return _sample_into(out_dir, state, model_path, prompts_path, settings, token_settings, seed=seed,
                             batch_size=batch_size, shard_size=shard_size, max_prompts=max_prompts,
-                            trust_remote_code=trust_remote_code, fingerprints=inputs, engine=engine)
+                            trust_remote_code=trust_remote_code, fingerprints=inputs, engine=engine,
+                            progress=progress)
 
 
 def check_sampling_arguments(**values) -> None:
@@ -316,7 +318,7 @@ def check_sampling_arguments(**values) -> None:
 
 def _sample_into(out_dir: Path, state, model_path: str, prompts_path: str, settings: dict, token_settings: dict, *,
                  seed: int, batch_size: int, shard_size: int, max_prompts: int | None, trust_remote_code: bool,
-                 fingerprints: dict, engine=None) -> Path:
+                 fingerprints: dict, engine=None, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
     from vrpo.data import load_prompts
@@ -341,7 +343,7 @@ def _sample_into(out_dir: Path, state, model_path: str, prompts_path: str, setti
     mine = [s for s in range(len(shards)) if s % state.num_processes == state.process_index]
     todo = [s for s in mine if not (out_dir / SHARD_DIR / f"shard-{s:05d}.parquet").exists()]
     bar = tqdm(total=sum(len(shards[s]) for s in mine), initial=sum(len(shards[s]) for s in mine if s not in todo),
-               desc=f"sampling K={settings['num_samples']}", unit="prompt", disable=not state.is_local_main_process)
+               desc=f"sampling K={settings['num_samples']}", unit="prompt", disable=not (progress and state.is_local_main_process))
     with bar:  # closed (its line ended) before any error is printed
         for s in todo:
             path = out_dir / SHARD_DIR / f"shard-{s:05d}.parquet"

@@ -70,7 +70,8 @@ class RegimeRun:
     def seed_samples(self, seed: int) -> list[dict]:
         s = self.world.sizes
         return stages.draw_samples(self.world, self.exp.out / self.world.name / "samples" / f"seed{seed}",
-                                   self.world.pool_prompts, 2 + s.train_ref_samples, seed=100 + seed)
+                                   self.world.pool_prompts, 2 + s.train_ref_samples, seed=100 + seed,
+                                   progress=self.exp.progress)
 
     def seed_data(self, seed: int, kinds=("oracle",)) -> tuple[dict, dict]:
         """(examples, {aux kind: preference file}) of one seed: the labelled pairs of the seed's data."""
@@ -84,7 +85,8 @@ class RegimeRun:
         reference samples on prompts that neither the checkpoint nor any training run saw."""
         s = self.world.sizes
         rows = stages.draw_samples(self.world, self.exp.out / self.world.name / "samples" / "diagnostic",
-                                   self.world.diagnostic_prompts, 2 + s.train_ref_samples, seed=200)
+                                   self.world.diagnostic_prompts, 2 + s.train_ref_samples, seed=200,
+                                   progress=self.exp.progress)
         ex = stages.labelled_examples(self.reviewer, rows, len(rows), s.train_ref_samples,
                                       np.random.default_rng(DIAGNOSTIC_SEED))
         return ex, self.data_files(ex, "diagnostic", 0, kinds)
@@ -113,7 +115,8 @@ class RegimeRun:
     def measurement_examples(self) -> dict:
         s = self.world.sizes
         rows = stages.draw_samples(self.world, self.exp.out / self.world.name / "samples" / "measure",
-                                   self.world.measure_prompts, s.measure_repeats * (2 + s.measure_ref_samples), seed=7)
+                                   self.world.measure_prompts, s.measure_repeats * (2 + s.measure_ref_samples), seed=7,
+                                   progress=self.exp.progress)
         n = len(rows) * s.measure_repeats
         return stages.labelled_examples(self.reviewer, rows, n, s.measure_ref_samples,
                                         np.random.default_rng(MEASURE_SEED), repeats=s.measure_repeats)

@@ -21,7 +21,8 @@ from vrpo.experiments.lm_regimes.presets import KS, MAX_PROMPT_TOKENS
 # --------------------------------------------------------------------------------------
 # Samples from pi_ref
 # --------------------------------------------------------------------------------------
-def draw_samples(world, folder: Path, prompts: list[str], num_samples: int, seed: int) -> list[dict]:
+def draw_samples(world, folder: Path, prompts: list[str], num_samples: int, seed: int,
+                 progress: bool = True) -> list[dict]:
     """``num_samples`` pi_ref samples per prompt with exact log-probs (``vrpo.sampling``, resumable)."""
     from vrpo.provenance import atomic_write_text
     from vrpo.sampling import read_samples, sample_references
@@ -30,7 +31,7 @@ def draw_samples(world, folder: Path, prompts: list[str], num_samples: int, seed
     atomic_write_text(prompts_file, "".join(json.dumps({"prompt": x}) + "\n" for x in prompts))
     sample_references(str(world.policy_dir), str(prompts_file), str(folder), num_samples=num_samples,
                       max_new_tokens=world.sizes.max_new_tokens, seed=seed, batch_size=16, shard_size=64,
-                      max_prompt_length=MAX_PROMPT_TOKENS)
+                      max_prompt_length=MAX_PROMPT_TOKENS, progress=progress)
     rows = read_samples(folder)
     if [r["prompt"] for r in rows] != list(prompts):
         raise ValueError(f"{folder}: the samples are not those of this run's prompts; delete the folder to redraw")
