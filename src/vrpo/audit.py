@@ -36,7 +36,7 @@ PLURALISM_NOTE = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vrpo.cli_args import POSITIVE_INT, add_overwrite_flag
+    from vrpo.cli_args import POSITIVE_INT, add_overwrite_flag, add_tokenizer_flag
 
     parser.add_argument("--data", required=True, help="labelled preference pairs (JSONL, Parquet, CSV, saved dataset)")
     parser.add_argument("--aux", required=True,
@@ -50,9 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rows", type=POSITIVE_INT, default=None, help="use only the first N pairs (default: all)")
     add_overwrite_flag(parser)
     # conversational data (message lists): which chat template renders it
-    parser.add_argument("--tokenizer", default=None,
-                        help="the reference model's folder, whose chat template renders conversational rows "
-                             "(as `vrpo sample` and `vrpo fit-aux` did; plain-string data needs none)")
+    add_tokenizer_flag(parser, "as `vrpo sample` and `vrpo fit-aux` did; plain-string data needs none")
 
 
 def aux_probabilities(spec: str, data) -> tuple[list[float], str]:

@@ -153,6 +153,14 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(status)
 
 
+def add_tokenizer_flag(p: argparse.ArgumentParser, default: str) -> None:
+    """``--tokenizer``: the reference model's folder whose chat template renders conversational
+    rows, one flag shared by the commands that read them; ``default`` says where the template
+    comes from when the flag is absent."""
+    p.add_argument("--tokenizer", default=None,
+                   help=f"the reference model's folder, whose chat template renders conversational rows ({default})")
+
+
 def add_overwrite_flag(p: argparse.ArgumentParser, what: str = "the output folder") -> None:
     """``--overwrite``: the one way, shared by every command, to start ``--out`` over."""
     p.add_argument("--overwrite", action="store_true",

@@ -28,7 +28,7 @@ OVERRIDES = ("epochs", "lr", "batch_size", "dim", "hidden")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vrpo.aux import AUX_MODELS
     from vrpo.aux.crossfit import REFERENCE_MODELS
-    from vrpo.cli_args import POSITIVE_FLOAT, POSITIVE_INT, SEED, add_overwrite_flag, int_at_least
+    from vrpo.cli_args import POSITIVE_FLOAT, POSITIVE_INT, SEED, add_overwrite_flag, add_tokenizer_flag, int_at_least
 
     parser.add_argument("--data", required=True, help="labelled preference pairs (JSONL, Parquet, CSV, saved dataset)")
     parser.add_argument("--model", default="gpm-minilm", choices=sorted(AUX_MODELS),
@@ -51,9 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=POSITIVE_INT, default=None, help="hidden width of the head (default 256)")
     add_overwrite_flag(parser)
     # conversational data (message lists): which chat template renders it
-    parser.add_argument("--tokenizer", default=None,
-                        help="the reference model's folder, whose chat template renders conversational rows "
-                             "(as `vrpo sample` did; plain-string data needs none)")
+    add_tokenizer_flag(parser, "as `vrpo sample` did; plain-string data needs none")
 
 
 def model_factory(name: str, seed: int, args: argparse.Namespace | None = None):

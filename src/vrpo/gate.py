@@ -68,7 +68,7 @@ TOLERANCE = 1e-12  # a change of exactly -max_regression passes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vrpo.cli_args import POSITIVE_INT, RATE_BELOW_ONE, SEED, add_overwrite_flag
+    from vrpo.cli_args import POSITIVE_INT, RATE_BELOW_ONE, SEED, add_overwrite_flag, add_tokenizer_flag
 
     parser.add_argument("--policy", required=True, help="candidate: an evaluation folder (responses.jsonl) or a model "
                         "folder (safetensors; its greedy responses are generated)")
@@ -84,8 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="folder for gate.json, gate.md and generated responses; a rerun "
                         "with the same inputs reuses the responses generated there (default: print only)")
     parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="when a model folder is given (default 64)")
-    parser.add_argument("--tokenizer", default=None, help="the reference model's folder, whose chat template renders "
-                        "message-list prompts (default: the model folder given as --policy or --baseline)")
+    add_tokenizer_flag(parser, "default: the model folder given as --policy or --baseline")
     parser.add_argument("--bootstrap", type=POSITIVE_INT, default=2000, help="bootstrap resamples for the CIs (default 2000)")
     parser.add_argument("--seed", type=SEED, default=0, help="seed of the bootstrap (default 0)")
     add_overwrite_flag(parser)

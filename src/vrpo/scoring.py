@@ -148,7 +148,7 @@ def _merge(out_dir: Path, num_chunks: int) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from vrpo.cli_args import POSITIVE_INT, add_overwrite_flag
+    from vrpo.cli_args import POSITIVE_INT, add_overwrite_flag, add_tokenizer_flag
 
     p.add_argument("--aux", required=True, help="module:function | file.py:function (a batched callable "
                    "fn(prompts, a, b) -> P(a > b); vrpo imports and RUNS this code, so pass only code you trust) | "
@@ -162,9 +162,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rows", type=POSITIVE_INT, default=None, help="score only the first N rows (default: all)")
     add_overwrite_flag(p)
     # conversational data (message lists): which chat template renders it
-    p.add_argument("--tokenizer", default=None,
-                   help="the reference model's folder, whose chat template renders conversational rows "
-                        "(default: the model the --samples manifest names; plain-string data needs none)")
+    add_tokenizer_flag(p, "default: the model the --samples manifest names; plain-string data needs none")
 
 
 def run(args: argparse.Namespace) -> int:
