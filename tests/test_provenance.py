@@ -51,3 +51,23 @@ def test_check_reference_refuses_unless_allowed():
     problems = check_reference(manifest, "bbbb" * 16, allow_mismatch=True)
     assert len(problems) == 2
     assert check_reference({"model_fingerprint": "c", "from_reference_policy": True}, "c") == []
+
+
+def test_read_run_config_reads_a_run_and_names_the_flag_for_a_damaged_one(tmp_path):
+    """The one reader of a run folder's config.yaml (`vrpo diagnose --model`, the reward model of
+    `vrpo rl` / `best-of-n`): None without one, the settings with one, a one-line error naming
+    the flag for a file that is not YAML or not a mapping."""
+    import pytest
+
+    from vrpo.provenance import read_run_config
+
+    assert read_run_config(tmp_path, "--model") is None
+    (tmp_path / "config.yaml").write_text("method: dpo\nbeta: 0.1\n")
+    assert read_run_config(tmp_path, "--model") == {"method": "dpo", "beta": 0.1}
+    (tmp_path / "config.yaml").write_text("method: [dpo\n")
+    with pytest.raises(ValueError, match=r"^--reward-model .*: config.yaml is not valid YAML") as e:
+        read_run_config(tmp_path, "--reward-model")
+    assert "\n" not in str(e.value)
+    (tmp_path / "config.yaml").write_text("- dpo\n")
+    with pytest.raises(ValueError, match=r"config.yaml holds list; expected the settings of a run"):
+        read_run_config(tmp_path, "--model")

@@ -321,18 +321,10 @@ class Checkpoint:
 
 def _run_record(path) -> dict | None:
     """The resolved config of a `vrpo train` run folder (config.yaml with a method), else None."""
-    from pathlib import Path
+    from vrpo.provenance import read_run_config
 
-    import yaml
-
-    p = Path(path) / "config.yaml"
-    if not p.exists():
-        return None
-    try:
-        record = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"--model {path}: config.yaml is not valid YAML ({str(e).splitlines()[0]})") from None
-    return record if isinstance(record, dict) and "method" in record else None
+    record = read_run_config(path, "--model")
+    return record if record is not None and "method" in record else None
 
 
 def load_checkpoint(path: str, *, ref_model: str | None = None, beta: float | None = None, base_loss: str | None = None,

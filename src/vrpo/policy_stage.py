@@ -79,10 +79,9 @@ def load_reward_model(path: str | os.PathLike, *, trust_remote_code: bool = Fals
 def reward_tokenisation(folder: str | os.PathLike) -> dict:
     """The tokenisation settings a reward model was trained with (its run's config.yaml),
     with long prompts cut on the left instead of refused: RL prompts are not ours to check."""
-    import yaml
+    from vrpo.provenance import read_run_config
 
-    cfg_file = Path(folder) / "config.yaml"
-    cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
+    cfg = read_run_config(folder, "--reward-model") or {}
     return {"max_length": int(cfg.get("max_length", 512)), "max_prompt_length": int(cfg.get("max_prompt_length", 256)),
             "prompt_truncation": "left"}
 

@@ -186,6 +186,24 @@ def read_manifest(folder: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
 
 
+def read_run_config(folder: str | Path, flag: str) -> dict | None:
+    """The resolved settings a `vrpo train` / `train-rm` run saved as ``folder/config.yaml``;
+    None when the folder has none (a plain model folder). A damaged file is the user's one-line
+    error naming ``flag``, not a YAML traceback."""
+    import yaml
+
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        record = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{flag} {folder}: config.yaml is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{flag} {folder}: config.yaml holds {type(record).__name__}; expected the settings of a run")
+    return record
+
+
 def reference_problems(manifest: dict, model_fingerprint: str, tokenizer_fingerprint: str | None = None,
                        what: str = "samples") -> list[str]:
     """Reasons the data of ``manifest`` are not draws from the given reference model."""
