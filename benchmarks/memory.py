@@ -100,10 +100,11 @@ def peak_mb() -> float:
 def current_mb() -> float:
     import torch
 
+    import train_step
+
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated() / 2**20
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return train_step.rss_mb()
 
 
 def trainer_of(setting, folder: Path, sequences_per_pass: int):
