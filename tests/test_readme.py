@@ -38,5 +38,10 @@ def test_quickstart_blocks_run_as_written(tmp_path):
     script = "set -euo pipefail\n" + "\n".join(blocks).replace("V=.venv/bin/python", f"V={sys.executable}")
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"README quickstart:\n{done.stderr[-3000:]}"
-    assert (tmp_path / "runs" / "quickstart" / "run" / "model.safetensors").is_file()
+    run = tmp_path / "runs" / "quickstart" / "run"
+    assert (run / "model.safetensors").is_file()
+    card = (run / "README.md").read_text()
+    assert "drawn from pi_ref itself: True" in card and "sentiment_aux.py:prefer_positive" in card
+    prov = (run / "manifests" / "provenance.json").read_text()
+    assert '"stored_sample_logp_error": 0.0' in prov  # sampling and training agree on every log-prob
     assert (tmp_path / "runs" / "quickstart-chat" / "gate" / "gate.json").is_file()
