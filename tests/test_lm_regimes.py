@@ -152,6 +152,14 @@ def test_micro_lm_regimes_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     stamp = {p: p.stat().st_mtime for p in out.rglob("result.json")}
     assert main(argv) == 0  # resumed: no run is trained again
     assert all(p.stat().st_mtime == m for p, m in stamp.items())
+    # fewer regimes and seeds: the same folder, every stage reused; other sizes: refused in one line
+    assert main(argv + ["--regimes", micro.regimes[0], "--seeds", "1"]) == 0
+    assert all(p.stat().st_mtime == m for p, m in stamp.items())
+    assert set(json.loads((out / "results.json").read_text())["regimes"]) == {micro.regimes[0]}
+    capsys.readouterr()
+    assert main(["reproduce", "lm-regimes", "--preset", "quick", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
 
 
 @pytest.mark.slow

@@ -69,8 +69,13 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     preset = _preset(args)
+    # The folder's record leaves out which regimes and seeds run: every stage's files are named by
+    # its regime and seed, so a rerun with more of either adds stages and reuses the rest (run the
+    # IMDb regimes and the SmolLM2 one as two processes into two folders, copy one world folder
+    # into the other, rerun with every regime: it assembles one results.json). Sizes must match.
+    record = {k: v for k, v in asdict(preset).items() if k not in ("regimes", "seeds")}
     out = claim_output(args.out or f"runs/lm-regimes-{preset.name}", "reproduce lm-regimes",
-                       {"preset": asdict(preset), "scheduling_model": args.scheduling_model}, overwrite=args.overwrite)
+                       {"preset": record, "scheduling_model": args.scheduling_model}, overwrite=args.overwrite)
     torch.set_num_threads(preset.threads)
     t0, c0 = time.perf_counter(), time.process_time()
     with folder_lock(out, "reproduce lm-regimes"):
