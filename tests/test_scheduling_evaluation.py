@@ -53,6 +53,10 @@ def test_aux_calibration_of_the_oracle_and_a_constant():
     assert oracle["all"]["mae_to_p_star"] == 0.0 and oracle["all"]["brier"] == oracle["all"]["oracle_brier"]
     half = ev.aux_calibration(np.full(4, 0.5), p_star, slices)
     assert half["a"]["mae_to_p_star"] == pytest.approx(0.35) and half["b"]["brier"] == pytest.approx(0.25)
+    # ECE over both orders of each pair: g = 1/2 everywhere is calibrated (not 0.5 off, as in the
+    # chosen-first order alone, where every label is 1); g = 0.9 everywhere is 0.1 off
+    assert half["all"]["ece"] == pytest.approx(0.0)
+    assert ev.aux_calibration(np.full(4, 0.9), p_star, slices)["all"]["ece"] == pytest.approx(0.1)
 
 
 def test_audit_truth_counts_the_top_rows():

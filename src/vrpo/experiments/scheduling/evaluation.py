@@ -36,8 +36,10 @@ def rubric_rates(rubrics, prompts: Sequence[str], slices: Sequence[str], respons
 
 def aux_calibration(aux_prob: Sequence[float], p_star: Sequence[float], slices: Sequence[str], seed: int = 0) -> dict:
     """Per slice: the auxiliary model's out-of-fold g(x, chosen, rejected) against the labels
-    (every label is 1: chosen won) and against the truth p*; the oracle g = p* for scale."""
-    from vrpo.aux.calibration import brier, expected_calibration_error
+    (every label is 1: chosen won) and against the truth p*; the oracle g = p* for scale.
+    The ECE reads each pair in both orders (``both_orders``): in the chosen-first order alone
+    every label is 1, and a g of 1/2 everywhere, which says nothing wrong, would score 0.5."""
+    from vrpo.aux.calibration import both_orders, brier, expected_calibration_error
 
     g, truth = np.asarray(aux_prob, dtype=np.float64), np.asarray(p_star, dtype=np.float64)
     labels = np.ones_like(g)
@@ -45,7 +47,7 @@ def aux_calibration(aux_prob: Sequence[float], p_star: Sequence[float], slices: 
     for name, m in slice_members(slices).items():
         bins = max(2, min(10, int(m.sum()) // 5))
         out[name] = {"n": int(m.sum()), "mean_g": float(g[m].mean()), "mean_p_star": float(truth[m].mean()),
-                     "brier": brier(g[m], labels[m]), "ece": expected_calibration_error(g[m], labels[m], bins=bins),
+                     "brier": brier(g[m], labels[m]), "ece": expected_calibration_error(*both_orders(g[m], labels[m]), bins=bins),
                      "oracle_brier": brier(truth[m], labels[m]), "mae_to_p_star": float(np.abs(g[m] - truth[m]).mean())}
     return out
 
