@@ -45,7 +45,7 @@ def aux_calibration(aux_prob: Sequence[float], p_star: Sequence[float], slices: 
     labels = np.ones_like(g)
     out = {}
     for name, m in slice_members(slices).items():
-        bins = max(2, min(10, int(m.sum()) // 5))
+        bins = 10  # even: with an odd count the middle bin is symmetric about 1/2 and scores every g near 1/2 as 0
         out[name] = {"n": int(m.sum()), "mean_g": float(g[m].mean()), "mean_p_star": float(truth[m].mean()),
                      "brier": brier(g[m], labels[m]), "ece": expected_calibration_error(*both_orders(g[m], labels[m]), bins=bins),
                      "oracle_brier": brier(truth[m], labels[m]), "mae_to_p_star": float(np.abs(g[m] - truth[m]).mean())}
