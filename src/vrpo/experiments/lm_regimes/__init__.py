@@ -27,10 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vrpo.cli_args import POSITIVE_INT, add_overwrite_flag
 
     parser.add_argument("--preset", default="quick", help="quick (about 9 CPU minutes, one thread; the IMDb regimes), full "
-                        "(the measurement, with the scheduling panel on SmolLM2; hours) or micro (the tests' smoke run)")
+                        "(the measurement, with the scheduling panel on SmolLM2; about 90 CPU minutes) or micro (the tests' smoke run)")
     parser.add_argument("--out", default=None, help="output folder (default runs/lm-regimes-PRESET); rerun to resume")
     parser.add_argument("--regimes", default=None, help="comma-separated regimes (default: the preset's); "
-                        "mixture, sharp, cycle, target, scheduling")
+                        "mixture, sharp, cycle, target, scheduling. A rerun into the same --out with more "
+                        "regimes or seeds reuses every finished stage")
     parser.add_argument("--seeds", type=POSITIVE_INT, default=None, help="training seeds (default: the preset's)")
     parser.add_argument("--scheduling-model", default=None,
                         help="pi_ref of the scheduling regime (default: SmolLM2-135M-Instruct, converted and cached)")

@@ -2,7 +2,7 @@
 
 ``quick`` (about 9 CPU minutes with one thread, the IMDb regimes only; numbers of the same kind as
 ``full`` with wider intervals), ``full`` (the measurement: more examples, 5 seeds, the
-scheduling panel on SmolLM2; about an hour or more, see docs/lm_regimes.md), ``micro`` (the
+scheduling panel on SmolLM2; about 90 CPU minutes, measured in docs/lm_regimes.md), ``micro`` (the
 tests' end-to-end smoke run: seconds, numbers meaningless).
 """
 from __future__ import annotations
