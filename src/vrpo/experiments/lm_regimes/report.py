@@ -125,12 +125,14 @@ def plot(results: dict, path: Path) -> None:
     for i, (name, r) in enumerate(results["regimes"].items()):
         for key, entry in r["by_checkpoint"].items():
             meas, ci = entry["measurement"]["measured_ratio"], entry["measurement"]["ci"]
+            labelled = False  # one legend entry per (regime, checkpoint), on its first K measured
             for k, marker in markers.items():
                 if k in meas:
                     pred = entry["diagnostic"]["predicted_ratio"][k]
                     ax.errorbar(pred, meas[k], yerr=[[meas[k] - ci[k][0]], [ci[k][1] - meas[k]]], fmt=marker,
                                 color=f"C{i}", mfc="none" if key == "pi_ref" else f"C{i}", ms=6,
-                                label=f"{name} ({key})" if k == "8" else None)
+                                label=None if labelled else f"{name} ({key})")
+                    labelled = True
     ax.set_xlabel("predicted Var(VRPO) / Var(DPO), one dataset")
     ax.set_ylabel("measured over fresh datasets")
     ax.set_xlim(0, 1.15)
