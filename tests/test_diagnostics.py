@@ -365,6 +365,35 @@ def test_diagnose_model_reads_a_lora_run_folder(tmp_path, capsys):
     assert r["removable_share"]["2"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_diagnose_model_notes_rows_the_checkpoint_trained_on_wherever_they_are(tmp_path, capsys):
+    """The note on in-sample rows compares the pairs themselves with the run's training data:
+    the same file, the same pairs in another file (as `vrpo score` rewrites them), part of
+    them, or none."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from pipeline_helpers import write_scored
+
+    from vrpo.cli import main
+
+    data = write_scored(tmp_path / "scored.jsonl", n=8, k=4)
+    run = _tiny_run(tmp_path, data, lora_r=0)
+    rows = data.read_text().splitlines()
+    (tmp_path / "copy.jsonl").write_text("\n".join(rows) + "\n")
+    held = [json.loads(r) for r in rows]
+    for i, r in enumerate(held):
+        r["prompt"] = f"{r['prompt']} (held out {i})"
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    (tmp_path / "half.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held[:4]) + "\n".join(rows[4:]) + "\n")
+    for name, expected in [("scored", "8 of the 8"), ("copy", "8 of the 8"), ("half", "4 of the 8"), ("held", None)]:
+        assert main(["diagnose", str(tmp_path / f"{name}.jsonl"), "--model", str(run)]) == 0
+        text = capsys.readouterr().out
+        if expected:
+            assert f"note: {expected} diagnosed rows are pairs the checkpoint was trained on" in text, name
+        else:
+            assert "note:" not in text
+
+
 def test_diagnose_model_renders_conversational_rows_with_the_chat_template(tmp_path, capsys):
     """Message-list rows are rendered with the checkpoint tokenizer's chat template, and give the
     numbers of the same rows pre-rendered as text."""

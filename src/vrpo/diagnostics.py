@@ -326,10 +326,12 @@ def diagnose_checkpoint(path, args) -> dict:
     obs, aux, summary = scores_from_table(table, ckpt.beta, ckpt.base_loss, [r["aux_prob"] for r in rows],
                                           [np.asarray(r["ref_aux_prob"], dtype=np.float64)[:k0, :k0] for r in rows], args.k)
     report = decompose(obs, aux, summary, args.k)
-    if ckpt.trained_on and _same_data(ckpt.trained_on, path):
-        report["note"] = (f"the checkpoint was trained on these rows ({ckpt.trained_on}): its margins fit their labels, "
-                          "which shrinks the base score and overstates the removable share; diagnose rows it did not "
-                          "train on (hold out part of the data from the short DPO run)")
+    seen = _rows_trained_on(ckpt.trained_on, ckpt.tokenizer, rows) if ckpt.trained_on else None
+    if seen:
+        report["note"] = (f"{seen} of the {len(rows)} diagnosed rows are pairs the checkpoint was trained on "
+                          f"({ckpt.trained_on}): its margins fit their labels, which shrinks the base score and "
+                          "overstates the removable share; diagnose rows it did not train on (hold out part of the "
+                          "data from the short DPO run)")
     report["gradients"] = {"checkpoint": str(args.model), "differentiated": ckpt.description,
                            "trainable_parameters": sketch.num_params, "reference_model": ckpt.ref_path or str(args.model),
                            "beta": ckpt.beta, "base_loss": ckpt.base_loss,
@@ -337,12 +339,28 @@ def diagnose_checkpoint(path, args) -> dict:
     return report
 
 
-def _same_data(trained_on: str, path) -> bool:
-    """Whether a run's --data (a file or a `vrpo score` folder) is the file being diagnosed."""
+def _rows_trained_on(trained_on: str, tokenizer, rows: list[dict]) -> int | None:
+    """How many of the diagnosed ``rows`` are pairs of the run's training data (``--data`` of
+    the run: a file, or a `vrpo score` / `vrpo label` folder), compared as rendered text
+    (prompt, chosen, rejected), whatever file or folder holds them; None when that data can no
+    longer be read (moved, deleted): then nothing is said."""
     from pathlib import Path
 
-    a, b = Path(trained_on).resolve(), Path(path).resolve()
-    return a == b or (a / "data.parquet") == b
+    from vrpo.data import load_preferences
+    from vrpo.provenance import DATA_TABLES
+
+    data = Path(trained_on)
+    if data.is_dir():
+        data = next((data / name for name in DATA_TABLES if (data / name).is_file()), data)
+    try:
+        trained = {_pair_key(r) for r in load_preferences(data, tokenizer).to_list()}
+    except (ValueError, OSError):
+        return None
+    return sum(_pair_key(r) in trained for r in rows)
+
+
+def _pair_key(row: dict) -> tuple[str, str, str]:
+    return row["prompt"], row["chosen"], row["rejected"]
 
 
 def _reference_count(rows: list[dict], path) -> int:
