@@ -135,16 +135,20 @@ def _batches(items: list[int], lengths: list[int], budget: int) -> list[list[int
 
 
 def _padded(prompt_ids, completion_ids, device):
-    """Right-padded ids (pad 0) and the completion mask; no attention mask is needed: with
-    right padding and causal attention no real token sees a pad, and pads feed no log-prob."""
+    """Right-padded ids (pad 0), the completion mask and the attention mask (real tokens). With
+    right padding and causal attention no real token sees a pad and pads feed no log-prob, so
+    the attention mask changes no value; it tells the model which positions are padding (without
+    it transformers warns whenever the pad id ends a row)."""
     seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
     width = max(len(q) for q in seqs)
     ids = torch.zeros((len(seqs), width), dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
     for b, (p, q) in enumerate(zip(prompt_ids, seqs)):
         ids[b, :len(q)] = torch.tensor(q)
         mask[b, len(p):len(q)] = True
-    return ids.to(device), mask.to(device)
+        attention[b, :len(q)] = 1
+    return ids.to(device), mask.to(device), attention.to(device)
 
 
 class _OneAtATime:
@@ -156,8 +160,8 @@ class _OneAtATime:
     def __call__(self, prompt_ids, completion_ids):
         logps, grads = [], []
         for p, c in zip(prompt_ids, completion_ids):
-            ids, mask = _padded([p], [c], self.params[0].device)
-            logp = sequence_logps(self.model(input_ids=ids).logits, ids, mask)[0]
+            ids, mask, attention = _padded([p], [c], self.params[0].device)
+            logp = sequence_logps(self.model(input_ids=ids, attention_mask=attention).logits, ids, mask)[0]
             g = torch.autograd.grad(logp, self.params, allow_unused=True)
             logps.append(float(logp.detach()))
             grads.append([torch.zeros_like(q) if x is None else x for x, q in zip(g, self.params)])
@@ -194,7 +198,7 @@ class PerSequenceGradients:
         return cls(model, params, modules) if covered == wanted else None
 
     def __call__(self, prompt_ids, completion_ids):
-        ids, mask = _padded(prompt_ids, completion_ids, self.params[0].device)
+        ids, mask, attention = _padded(prompt_ids, completion_ids, self.params[0].device)
         records, handles = [], []
         for module, rule in self.modules:
             handles.append(module.register_forward_hook(self._recorder(module, rule, records)))
@@ -202,7 +206,8 @@ class PerSequenceGradients:
         # (with the default [1, T] its gradient would already be summed over the batch)
         positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         try:
-            logps = sequence_logps(self.model(input_ids=ids, position_ids=positions).logits, ids, mask)
+            logps = sequence_logps(self.model(input_ids=ids, attention_mask=attention, position_ids=positions).logits,
+                                   ids, mask)
         finally:
             for h in handles:
                 h.remove()
