@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # in workflow order (the order `vrpo -
     "best-of-n": ("vrpo.best_of_n", "keep the reference sample a reward model scores highest, per prompt"),
     "label": ("vrpo.label", "label pairs of reference samples with a simulated reviewer panel (p* kept for evaluation)"),
     "gate": ("vrpo.gate", "deployment gate: fail when any slice's rubric pass rate or win rate regresses vs a baseline"),
-    "reproduce": ("vrpo.experiments.reproduce", "reproduce an experiment: bandit (the statistical testbed), imdb, scheduling"),
+    "reproduce": ("vrpo.experiments.reproduce", "reproduce an experiment: bandit (the statistical testbed), imdb, lm-regimes, scheduling"),
     "demo": ("vrpo.experiments.demo", "run the main demonstration (what `make demo` runs)"),
     "tiny-model": ("vrpo.tiny_model", "build a tiny random GPT-2 + tokenizer offline (quickstart, tests)"),
 }
